@@ -1,0 +1,174 @@
+"""Contract-and-Broadcast Self-Attention (Wen, Huang, Li, NeurIPS 2025, arXiv 2509.16875).
+
+Read next to the paper's eq. (8) / Algorithm 1. Per head k, with W = U_kᵀZ the projected tokens:
+
+    Q_ini  = pool(W)                                   representatives: patch tokens average-pooled to r_h×r_w
+    A      = softmax_N( Q_ini Wᵀ · s )                 extraction: each representative reads all N tokens
+    Q      = Q_ini + η · A W                           representative update (η: per-head step size)
+    C      = softmax_m( Q Qᵀ · s ) Q                   contraction: self-attention among the m representatives
+    out    = κ · Aᵀ C                                  broadcast: back to every token through the same A
+                                                       (no renormalisation over representatives)
+    y      = to_out( concat_k out_k )                  independent output projection with bias
+
+(A here is the paper's A_kᵀ: shape m × N, each row a distribution over tokens.) s = d_head^-0.5. Softmax
+statistics are computed in float32 for half-precision inputs. Cost: O(N·m·d) per head, linear in N for fixed m.
+"""
+from typing import Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.jit import Final
+
+from .backends import fused_contract_and_broadcast, resolve_backend
+from .layout import GridAwareAttention
+from .representatives import check_token_layout, pool_representatives, to_grid
+
+__all__ = ['CBSA', 'softmax_fp32']
+
+
+def softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with float32 statistics, returned in the input dtype."""
+    return logits.float().softmax(dim=-1).to(logits.dtype)
+
+
+def _logits(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """(a · s) bᵀ; fp16 inputs are promoted so the logits cannot overflow."""
+    if a.dtype == torch.float16:
+        a, b = a.float(), b.float()
+    return (a * scale) @ b.transpose(-2, -1)
+
+
+class CBSA(GridAwareAttention):
+    """CBSA attention, a drop-in for timm's ``Attention`` (``attn_layer='cbsa'``).
+
+    Args:
+        dim: token width C.
+        num_heads: number of heads = number of subspaces K; head width d = C / K.
+        qkv_bias: bias on the single projection Uᵀ (the paper has none; timm's ViTs default to True).
+        qk_norm: normalise the projected tokens per head before pooling (timm's qk_norm).
+        scale_norm: normalise the merged heads before the output projection.
+        proj_bias: bias on the output projection (the paper's to_out has one).
+        attn_drop: dropout on the extraction matrix A (forces the eager path while training).
+        proj_drop: dropout after the output projection.
+        norm_layer: norm for qk_norm / scale_norm.
+        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. Default 8 → m = 64.
+        legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
+        grid_size: static patch grid (H_p, W_p); normally set by the owning model (see ``layout.py``).
+        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p.
+        backend: None (global setting), 'eager', 'sdpa' or 'xformers'.
+
+    Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens (patches last).
+    """
+    legacy_pool: Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_norm: bool = False,
+            proj_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            norm_layer: Optional[Type[nn.Module]] = None,
+            rep_grid: Union[int, Tuple[int, int]] = 8,
+            legacy_pool: bool = False,
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = -1,
+            backend: Optional[str] = None,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads != 0:
+            raise ValueError(f'CBSA: dim {dim} is not divisible by num_heads {num_heads}.')
+        if (qk_norm or scale_norm) and norm_layer is None:
+            norm_layer = nn.LayerNorm
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.rep_grid = to_grid(rep_grid)
+        self.legacy_pool = legacy_pool
+        self.grid_size = None if grid_size is None else to_grid(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.backend = backend
+
+        self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)        # Uᵀ for all heads (q = k = v), "proj" in the paper
+        self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.step_rep = nn.Parameter(torch.randn(num_heads, 1, 1, **dd))  # η, per head, sign free
+        self.step_x = nn.Parameter(torch.randn(num_heads, 1, 1, **dd))    # κ, per head, sign free
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)      # over-parameterised U_k ("to_out")
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+    def extra_repr(self) -> str:
+        return (f'num_heads={self.num_heads}, rep_grid={self.rep_grid}, legacy_pool={self.legacy_pool}, '
+                f'grid_size={self.grid_size}, backend={self.backend}')
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) tokens -> (B, H, N, d) projected tokens W = U_kᵀ Z (after qk_norm)."""
+        B, N, C = x.shape
+        w = self.qkv(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        return self.norm(w)
+
+    def representatives(self, w: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B, H, N, d) projected tokens -> (B, H, m, d) initial representatives Q_ini."""
+        grid = self._grid(grid_size)
+        check_token_layout(w.shape[2], grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
+        return pool_representatives(w, grid, self.rep_grid, self.legacy_pool)
+
+    def _grid(self, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+        if grid_size is not None:
+            return grid_size
+        grid = self.grid_size
+        if grid is None:
+            raise ValueError(
+                'CBSA does not know the patch grid: use it inside a timm ViT (the model binds it), call '
+                'timm_cbsa.bind_patch_grid(model), or pass grid_size=(H_p, W_p) to forward().')
+        return grid
+
+    def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
+        # 1. extraction: each representative attends over all N tokens
+        attn = softmax_fp32(_logits(r, w, self.scale))            # (B, H, m, N), rows sum to 1 over tokens
+        attn = self.attn_drop(attn)
+        r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
+        # 2. contraction: self-attention among the representatives
+        c = softmax_fp32(_logits(r, r, self.scale)) @ r           # (B, H, m, d)
+        # 3. broadcast through the same extraction matrix, scaled by the step size κ
+        return self.step_x * (attn.transpose(-2, -1) @ c)         # (B, H, N, d)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+            grid_size: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                'CBSA cannot honour attn_mask / is_causal: its representatives pool every patch token and its '
+                'broadcast reaches every token. Use a softmax attention layer for masked inputs.')
+        B, N, C = x.shape
+        w = self.project(x)                                       # (B, H, N, d)
+        r = self.representatives(w, grid_size)                    # (B, H, m, d)
+        if torch.jit.is_scripting():
+            y = self.contract_and_broadcast(w, r)
+        else:
+            backend = resolve_backend(self.backend, w, self.training and self.attn_drop.p > 0)
+            if backend == 'eager':
+                y = self.contract_and_broadcast(w, r)
+            else:
+                y = fused_contract_and_broadcast(backend, w, r, self.step_rep, self.step_x, self.scale)
+        y = y.transpose(1, 2).reshape(B, N, C)
+        y = self.norm_out(y)
+        y = self.proj(y)
+        return self.proj_drop(y)

@@ -1,0 +1,89 @@
+"""How CBSA forms its initial representatives Q_ini from the projected tokens.
+
+The paper (§3.2) initialises the m representatives by average pooling the (projected) patch tokens, following Agent
+Attention. We pool the *patch* tokens only, laid out on their true (H_p, W_p) grid, onto an (r_h, r_w) grid
+(m = r_h * r_w). Prefix tokens (class / register / distillation) are skipped here; they still act as keys/values
+and receive the broadcast.
+
+``legacy=True`` reproduces the released code bit for bit: it pools every token but the *last* one
+(``w[:, :-1]``), so with a class token at index 0 the class token lands in grid cell (0, 0), every patch is
+shifted by one raster position and the last patch is dropped. The released CBT checkpoints were trained that way.
+"""
+from typing import List, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from ._fx import register_notrace_function
+
+__all__ = ['pool_representatives', 'to_grid', 'check_token_layout']
+
+
+def to_grid(size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
+    """8 -> (8, 8); (4, 6) -> (4, 6)."""
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f'A representative grid is an int or a pair of positive ints, got {size!r}.')
+    return size[0], size[1]
+
+
+@register_notrace_function
+def check_token_layout(
+        num_tokens: int,
+        grid_size: Tuple[int, int],
+        rep_grid: Tuple[int, int],
+        num_prefix_tokens: int,
+        legacy: bool,
+) -> None:
+    """Raise a clear error when the tokens cannot be laid out on the patch grid (FX: kept as a leaf call)."""
+    gh, gw = grid_size[0], grid_size[1]
+    rh, rw = rep_grid[0], rep_grid[1]
+    if gh < rh or gw < rw:
+        raise ValueError(
+            'CBSA: the patch grid ' + str(gh) + 'x' + str(gw) + ' is smaller than the representative grid '
+            + str(rh) + 'x' + str(rw) + '; use a larger image or a smaller rep_grid.')
+    if num_tokens < gh * gw:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens but the patch grid ' + str(gh) + 'x' + str(gw)
+            + ' needs ' + str(gh * gw) + ' patch tokens.')
+    if num_prefix_tokens >= 0 and num_tokens != num_prefix_tokens + gh * gw:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens, expected ' + str(num_prefix_tokens) + ' prefix + '
+            + str(gh) + 'x' + str(gw) + ' patch tokens.')
+    if legacy and num_tokens != gh * gw + 1:
+        raise ValueError(
+            'CBSA: legacy_pool reproduces the released code, which needs exactly one prefix (class) token; got '
+            + str(num_tokens - gh * gw) + '.')
+
+
+torch.fx.wrap('check_token_layout')
+
+
+def pool_representatives(
+        w: torch.Tensor,
+        grid_size: Tuple[int, int],
+        rep_grid: Tuple[int, int],
+        legacy: bool = False,
+) -> torch.Tensor:
+    """Average-pool projected tokens to initial representatives.
+
+    Args:
+        w: (B, H, N, d) projected tokens, prefix tokens first, then the H_p*W_p patch tokens in raster order.
+        grid_size: (H_p, W_p) patch grid.
+        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w.
+        legacy: pool tokens[:-1] instead of the patch tokens (the released code's behaviour).
+    Returns:
+        (B, H, m, d) initial representatives Q_ini.
+    """
+    B, H, N, d = w.shape
+    gh, gw = grid_size[0], grid_size[1]
+    if legacy:
+        tokens = w[:, :, :gh * gw]          # all but the last token (class token included)
+    else:
+        tokens = w[:, :, N - gh * gw:]      # the patch tokens are the last H_p*W_p tokens
+    # (B*H, H_p, W_p, d) viewed as channels-last NCHW: no copy before pooling
+    tokens = tokens.reshape(B * H, gh, gw, d).permute(0, 3, 1, 2)
+    reps = F.adaptive_avg_pool2d(tokens, rep_grid)          # (B*H, d, r_h, r_w)
+    return reps.flatten(2).transpose(1, 2).reshape(B, H, -1, d)

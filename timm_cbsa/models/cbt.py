@@ -1,0 +1,297 @@
+"""CBT — the paper's Contract-and-Broadcast Transformer (Table 3), as a timm VisionTransformer configuration.
+
+    z = x + CBSA(LN(x));   x = ISTA(LN(z))        (pre-norm; no residual around ISTA, as in the paper's code)
+
+with a 4-conv stem (3×3 stride-2 convs + BatchNorm, GELU between; 16 = 2⁴), a class token, a learned position
+embedding and a LayerNorm + Linear head on the class token. Parameter counts at 1000 classes: CBT-T 1,789,192,
+CBT-S 6,667,048, CBT-B 25,691,752, CBT-L 83,051,368.
+
+The released checkpoints (``cbt_*_best.pth.tar``) load through timm's pretrained path
+(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``; both switch on
+``legacy_pool`` so the released pooling is reproduced exactly.
+"""
+import math
+import re
+from functools import partial
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+
+from ..layers.cbsa import CBSA
+from ..layers.ista import ISTA
+from ._helpers import configure_cbsa, pop_cbsa_kwargs
+
+__all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
+
+
+class ConvStemPatchEmbed(PatchEmbed):
+    """Patch embedding by log2(patch) 3×3 stride-2 convs (no bias) + BatchNorm, GELU between them.
+
+    patch 16: 3 → d/8 → d/4 → d/2 → d; patch 8: 3 → d/4 → d/2 → d. No norm or activation after the last BatchNorm.
+    """
+
+    def __init__(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            norm_layer=None,
+            flatten: bool = True,
+            output_fmt: Optional[str] = None,
+            bias: bool = True,
+            strict_img_size: bool = True,
+            dynamic_img_pad: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer,
+            flatten=flatten, output_fmt=output_fmt, bias=False, strict_img_size=strict_img_size,
+            dynamic_img_pad=dynamic_img_pad, device=device, dtype=dtype)
+        ph, pw = self.patch_size
+        n = int(round(math.log2(ph)))
+        if ph != pw or ph not in (4, 8, 16, 32) or 2 ** n != ph:
+            raise ValueError(f'ConvStemPatchEmbed needs a square power-of-two patch size (8 or 16), got {self.patch_size}.')
+        if embed_dim % (2 ** (n - 1)) != 0:
+            raise ValueError(f'embed_dim {embed_dim} must be divisible by {2 ** (n - 1)} for a {ph}-pixel conv stem.')
+        chans = [in_chans] + [embed_dim // 2 ** (n - 1 - i) for i in range(n)]
+        dd = {'device': device, 'dtype': dtype}
+        layers = []
+        for i in range(n):
+            layers.append(nn.Sequential(
+                nn.Conv2d(chans[i], chans[i + 1], kernel_size=3, stride=2, padding=1, bias=False, **dd),
+                nn.BatchNorm2d(chans[i + 1], **dd),
+            ))
+            if i < n - 1:
+                layers.append(nn.GELU())
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if not self.dynamic_img_pad and (H % self.patch_size[0] != 0 or W % self.patch_size[1] != 0):
+            raise ValueError(
+                f'CBT conv stem: image size {H}x{W} is not divisible by the patch size {self.patch_size}; '
+                'resize the image or build the model with dynamic_img_pad=True.')
+        return super().forward(x)
+
+
+class CBTBlock(nn.Module):
+    """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Accepts timm's block_fn keyword arguments."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            qk_norm: bool = False,
+            scale_attn_norm: bool = False,
+            scale_mlp_norm: bool = False,
+            proj_bias: bool = True,
+            init_values: Optional[float] = None,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+            act_layer=None,
+            mlp_layer=None,
+            attn_layer=None,
+            depth: int = 0,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = CBSA(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
+            proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.ista = ISTA(dim, **dd)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
+        return self.ista(self.norm2(x))
+
+
+_SIZES = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# released checkpoint key -> ours (the released model: to_patch_embedding / pos_embedding / cls_token /
+# transformer.layers.i.{0: PreNorm(CBSA), 1: PreNorm(ISTA)} / mlp_head.{0: LayerNorm, 1: Linear})
+_OFFICIAL_KEY_RULES = [
+    (r'^to_patch_embedding\.proj\.', 'patch_embed.proj.'),
+    (r'^pos_embedding$', 'pos_embed'),
+    (r'^cls_token$', 'cls_token'),
+    (r'^transformer\.layers\.(\d+)\.0\.norm\.', r'blocks.\1.norm1.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.proj\.', r'blocks.\1.attn.qkv.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.to_out\.', r'blocks.\1.attn.proj.'),
+    (r'^transformer\.layers\.(\d+)\.0\.fn\.(step_x|step_rep)$', r'blocks.\1.attn.\2'),
+    (r'^transformer\.layers\.(\d+)\.1\.norm\.', r'blocks.\1.norm2.'),
+    (r'^transformer\.layers\.(\d+)\.1\.fn\.weight$', r'blocks.\1.ista.weight'),
+    (r'^mlp_head\.0\.', 'norm.'),
+    (r'^mlp_head\.1\.', 'head.'),
+]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+
+
+def _unwrap(checkpoint: Any) -> Dict[str, torch.Tensor]:
+    if isinstance(checkpoint, dict):
+        for key in ('state_dict', 'model', 'model_state_dict', 'module'):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                return _unwrap(checkpoint[key])
+        return checkpoint
+    raise CheckpointMismatchError(f'Expected a state dict (or a dict holding one), got {type(checkpoint).__name__}.')
+
+
+def _check_against(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state_dict)
+    unexpected = sorted(k for k in state_dict if k not in expected)
+    mismatched = sorted(
+        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
+        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
+    if missing or unexpected or mismatched:
+        lines = ['Checkpoint does not match the model:']
+        for name, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', mismatched)):
+            if items:
+                shown = ', '.join(items[:12]) + (f', ... ({len(items)} in all)' if len(items) > 12 else '')
+                lines.append(f'  {name}: {shown}')
+        raise CheckpointMismatchError('\n'.join(lines))
+
+
+def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``.
+
+    Resamples the position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming
+    missing / unexpected / mis-shaped keys.
+    """
+    state_dict = _unwrap(checkpoint)
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('module.'):
+            k = k[len('module.'):]
+        for pattern, repl in _OFFICIAL_KEY_RULES:
+            new_k, n = re.subn(pattern, repl, k)
+            if n:
+                k = new_k
+                break
+        out[k] = v
+    pos = out.get('pos_embed')
+    if pos is not None and pos.shape != model.pos_embed.shape and pos.ndim == 3:
+        old_n = pos.shape[1] - model.num_prefix_tokens
+        old_side = int(math.isqrt(old_n))
+        if old_side * old_side == old_n:
+            out['pos_embed'] = resample_abs_pos_embed(
+                pos, new_size=model.patch_embed.grid_size, old_size=(old_side, old_side),
+                num_prefix_tokens=model.num_prefix_tokens, verbose=True)
+    _check_against(out, model)
+    return out
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': 256 / 224, 'interpolation': 'bilinear', 'fixed_input_size': True,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'patch_embed.proj.0.0', 'classifier': 'head', 'license': 'mit',
+        'paper_ids': 'arXiv:2509.16875', 'origin_url': 'https://github.com/QishuaiWen/CBSA',
+        'paper_name': 'Towards Interpretable and Efficient Attention: Compressing All by Contracting a Few',
+        **kwargs,
+    }
+
+
+# '.official_in1k': the authors' released ImageNet-1k weights. They cannot be downloaded from here; point timm at
+# the file: create_model('cbt_small', pretrained=True, pretrained_cfg_overlay=dict(file='cbt_small_best.pth.tar'))
+default_cfgs = generate_default_cfgs({
+    f'cbt_{size}.official_in1k': _cfg(crop_pct=224 / 256, notes=('released checkpoint; needs legacy_pool',))
+    for size in _SIZES
+})
+
+
+def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    cbsa_kwargs = pop_cbsa_kwargs(kwargs)
+    # the released checkpoints were trained with the released (legacy) pooling
+    cbsa_kwargs.setdefault('legacy_pool', bool(pretrained))
+    out_indices = kwargs.pop('out_indices', 3)
+    size = variant.split('_')[1]
+    model_args = dict(
+        patch_size=16, embed_layer=ConvStemPatchEmbed, block_fn=CBTBlock, qkv_bias=False,
+        norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **_SIZES[size])
+    model = build_model_with_cfg(
+        VisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=cbt_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **dict(model_args, **kwargs),
+    )
+    return configure_cbsa(model, **cbsa_kwargs)
+
+
+@register_model
+def cbt_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """CBT-T: d=192, 12 layers, 3 heads, m=64 (1.8M params, 63.2% IN-1k in the paper)."""
+    return _create_cbt('cbt_tiny', pretrained, **kwargs)
+
+
+@register_model
+def cbt_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """CBT-S: d=384, 12 layers, 6 heads, m=64 (6.7M params, 71.4% IN-1k in the paper)."""
+    return _create_cbt('cbt_small', pretrained, **kwargs)
+
+
+@register_model
+def cbt_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """CBT-B: d=768, 12 layers, 12 heads, m=64 (25.7M params, 73.4% IN-1k in the paper)."""
+    return _create_cbt('cbt_base', pretrained, **kwargs)
+
+
+@register_model
+def cbt_large(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """CBT-L: d=1024, 24 layers, 16 heads, m=64 (83.1M params, 74.4% IN-1k in the paper)."""
+    return _create_cbt('cbt_large', pretrained, **kwargs)
+
+
+def load_official_cbt(
+        checkpoint: Union[str, Dict[str, Any]],
+        variant: Optional[str] = None,
+        num_classes: Optional[int] = None,
+        **kwargs,
+) -> VisionTransformer:
+    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on.
+
+    ``variant`` (cbt_tiny/small/base/large) is inferred from the checkpoint's width and depth when omitted.
+    """
+    if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
+        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in _unwrap(checkpoint).items()}
+    if variant is None:
+        width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
+        depth = len({k.split('.')[2] for k in state_dict if k.startswith('transformer.layers.')})
+        matches = [s for s, a in _SIZES.items() if a['embed_dim'] == width and a['depth'] == depth]
+        if not matches:
+            raise CheckpointMismatchError(
+                f'Cannot tell the CBT variant of this checkpoint (width {width}, depth {depth}); pass variant=.')
+        variant = f'cbt_{matches[0]}'
+    if num_classes is None:
+        head_w = state_dict.get('mlp_head.1.weight', state_dict.get('head.weight'))
+        num_classes = head_w.shape[0] if head_w is not None else 1000
+    kwargs.setdefault('legacy_pool', True)
+    from timm import create_model
+    model = create_model(variant, num_classes=num_classes, **kwargs)
+    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)
+    return model
