@@ -123,7 +123,7 @@ CredType=cred/munge
 # our own munged socket; requeued jobs may restart only after cred_expire seconds (default 120)
 AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 # bind to NodeAddr / SlurmctldHost address (127.0.0.1) instead of INADDR_ANY
-CommunicationParameters=NoInAddrAny
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
@@ -133,6 +133,8 @@ JobAcctGatherFrequency=30
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
+# for slurmdbd this names the munge socket used on the slurmctld <-> slurmdbd connection
+AccountingStoragePass=$DIR/munge/munge.socket
 JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -164,6 +166,7 @@ AuthInfo=socket=$DIR/munge/munge.socket
 DbdHost=localhost
 DbdAddr=127.0.0.1
 DbdPort=$DBD_PORT
+CommunicationParameters=NoInAddrAny
 SlurmUser=root
 DebugLevel=info
 LogFile=$DIR/log/slurmdbd.log
