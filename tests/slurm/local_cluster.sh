@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # local_cluster.sh — a real single-machine SLURM cluster for the tests in tests/slurm.
 #
-#   bash tests/slurm/local_cluster.sh install        # apt-get the Debian packages if missing
+#   bash tests/slurm/local_cluster.sh install [PKG..]  # apt-get the Debian packages (+ PKG..) if missing
 #   bash tests/slurm/local_cluster.sh start  DIR     # configure + start daemons under DIR, wait until idle
 #   bash tests/slurm/local_cluster.sh stop   DIR     # stop the daemons recorded in DIR/pids (by PID only)
 #   bash tests/slurm/local_cluster.sh status DIR
@@ -31,6 +31,7 @@ CLUSTER=cbsatest
 HOSTS_MARK="# timm_cbsa-tests-slurm"
 HOST=$(hostname -s)
 PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd mariadb-server)
+EXTRA_PACKAGES=()
 
 log() { printf '[local_cluster %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -48,7 +49,7 @@ do_install() {
     [ "$(id -u)" = 0 ] || die "must run as root to install packages"
     command -v apt-get >/dev/null || die "apt-get not found (needs Debian/Ubuntu)"
     local missing=() p
-    for p in "${PACKAGES[@]}"; do
+    for p in "${PACKAGES[@]}" "${EXTRA_PACKAGES[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if [ ${#missing[@]} -eq 0 ]; then log "packages already installed"; return; fi
@@ -293,7 +294,7 @@ do_status() {
 }
 
 case "$ACTION" in
-    install) do_install ;;
+    install) shift; EXTRA_PACKAGES=("$@"); do_install ;;
     start) do_start ;;
     stop) do_stop ;;
     status) do_status ;;

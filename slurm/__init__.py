@@ -1,0 +1,1 @@
+"""SLURM launchers (submitit) for timm_cbsa training: ``python -m slurm.launch --help``."""
