@@ -1,0 +1,218 @@
+"""End-to-end tests of slurm.launch against a real SLURM cluster (see conftest.py / local_cluster.sh).
+
+Every job runs the real trainer (train.train.main) on real Fashion-MNIST data through the launcher.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm import launch
+
+ENTRY = "tests.slurm.slurm_entry:train_and_hash"
+TRAIN = ["--dataset", "fashion_mnist", "--model", "cbsa_vit_tiny",
+         "--model-kwargs", "patch_size=4", "rep_grid=4", "embed_dim=32", "depth=2", "num_heads=2",
+         "--max-val-samples", "64", "-b", "16", "--epochs", "1", "--workers", "0", "--threads", "1",
+         "--log-interval", "1", "--lr", "1e-3"]
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _common(cluster, job_dir) -> list:
+    return ["--partition", cluster["partition"], "--gpus-per-node", "0", "--cpus-per-task", "1",
+            "--timeout", "10", "--signal-delay-s", "30", "--job-name", "cbsa-test", "--job-dir", str(job_dir)]
+
+
+def _sacct_state(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", str(job_id), "-X", "-n", "-P", "-o", "State,ExitCode"],
+                         capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[0] if out else ""
+
+
+def _wait_for(cond, timeout: float, what: str, poll: float = 0.5):
+    t0 = time.time()
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def _log_tail(folder: Path) -> str:
+    parts = []
+    for p in sorted(folder.glob("*_log.*")):
+        parts.append(f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(parts)
+
+
+def _job_folder(job) -> Path:
+    return Path(str(job.paths.folder))
+
+
+def test_ddp_multinode_and_multitask_train_identical_weights(slurm_cluster, in_repo_root, tmp_path):
+    """(a) 2 nodes x 1 task and 1 node x 2 tasks: gloo process group, a few real training steps, same weights."""
+    layouts = {"2x1": (2, 1), "1x2": (1, 2)}
+    jobs = {}
+    t0 = time.time()
+    for name, (nodes, tpn) in layouts.items():
+        argv = [*_common(slurm_cluster, tmp_path / name / "%j"), "--nodes", str(nodes), "--tasks-per-node",
+                str(tpn), "--entry", ENTRY, *TRAIN, "--max-train-samples", "256", "--max-steps", "4"]
+        jobs[name] = launch.submit(argv)
+    for name, job in jobs.items():
+        nodes, tpn = layouts[name]
+        world = nodes * tpn
+        try:
+            results = job.results()
+        except Exception as e:  # show the job logs on failure
+            raise AssertionError(f"{name} job {job.job_id} failed: {e}\n{_log_tail(_job_folder(job))}") from e
+        print(f"{name}: job {job.job_id} done after {time.time() - t0:.1f}s: "
+              f"{[(r['rank'], r['node'], r['step'], r['weights_sha256'][:12]) for r in results]}")
+        assert sorted(r["rank"] for r in results) == list(range(world))
+        assert all(r["world_size"] == world for r in results)
+        assert all(r["step"] == 4 for r in results), results
+        assert all(0.0 <= r["top1"] <= 100.0 for r in results)
+        # every rank wrote its final-weights hash into the job folder; all identical
+        folder = _job_folder(job)
+        files = sorted(folder.glob("weights_rank*.json"))
+        assert len(files) == world, files
+        infos = [json.loads(f.read_text()) for f in files]
+        hashes = {i["weights_sha256"] for i in infos}
+        assert len(hashes) == 1 and None not in hashes, infos
+        assert len({i["master"] for i in infos}) == 1
+        assert infos[0]["master"].endswith(f":{launch.master_port_for(job.job_id)}")
+        used_nodes = {i["node"] for i in infos}
+        assert len(used_nodes) == nodes, infos
+        assert sorted(i["local_rank"] for i in infos) == sorted(list(range(tpn)) * nodes)
+        # training output went to the job folder (%j expanded), including a checkpoint
+        assert (folder / "last.pth.tar").exists() or list(folder.glob("checkpoint-*.pth.tar"))
+        assert folder.name == str(job.job_id)
+        assert _wait_for(lambda: _sacct_state(job.job_id).startswith("COMPLETED"), 60, "COMPLETED in sacct")
+
+
+def _steps_logged(log_text: str):
+    return [int(m.group(1)) for m in re.finditer(r"Train \d+ \[\d+/\d+\] step (\d+) ", log_text)]
+
+
+def _resumed_steps(log_text: str):
+    return [int(m.group(1)) for m in re.finditer(r"Resumed from .*global step (\d+)", log_text)]
+
+
+def _latest_ckpt_step(folder: Path) -> int:
+    log = folder / "log.txt"
+    if not (folder / "last.pth.tar").exists() or not log.exists():
+        return 0
+    steps = _steps_logged(log.read_text(errors="replace"))
+    return max(steps) if steps else 0
+
+
+@pytest.mark.parametrize("how", ["scontrol_requeue", "preemption_signal"])
+def test_requeue_resumes_from_checkpoint(slurm_cluster, in_repo_root, tmp_path, how):
+    """(b) a requeued job resumes from the newest checkpoint in its job folder; the step counter continues."""
+    max_steps = 14
+    if how == "scontrol_requeue":
+        layout = ["--nodes", "1", "--tasks-per-node", "2"]
+    else:
+        layout = ["--nodes", "2", "--tasks-per-node", "1"]
+    argv = [*_common(slurm_cluster, tmp_path / "%j"), *layout, "--entry", ENTRY, *TRAIN,
+            "--max-train-samples", "1024", "--max-steps", str(max_steps), "--checkpoint-interval-steps", "2",
+            "--debug-step-delay", "0.7"]
+    t0 = time.time()
+    job = launch.submit(argv)
+    folder = Path(str(job.paths.folder).replace("%j", str(job.job_id)))
+    _wait_for(lambda: _latest_ckpt_step(folder) >= 4, 240, f"a checkpoint at step >= 4 in {folder}")
+    t_req = time.time()
+    if how == "scontrol_requeue":
+        subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, capture_output=True, text=True)
+    else:
+        job._interrupt()  # SIGTERM (ignored by submitit) then USR2: preemption -> checkpoint() -> requeue
+    try:
+        results = job.results()
+    except Exception as e:
+        raise AssertionError(f"job {job.job_id} failed after {how}: {e}\n{_log_tail(folder)}") from e
+    log_text = (folder / "log.txt").read_text(errors="replace")
+    resumed = _resumed_steps(log_text)
+    print(f"{how}: job {job.job_id} checkpoint seen after {t_req - t0:.1f}s, done after {time.time() - t0:.1f}s; "
+          f"resumed at global step {resumed}; restarts {[r['restart'] for r in results]}")
+    assert resumed and resumed[-1] >= 2, f"no resume in log:\n{log_text[-3000:]}"
+    assert all(r["step"] == max_steps for r in results), results
+    assert all(r["restart"] >= 1 for r in results), results
+    # after the restart the step counter continues from the checkpoint instead of restarting at 1
+    steps = _steps_logged(log_text)
+    restart_at = steps.index(1, 1) if 1 in steps[1:] else None
+    assert restart_at is None, f"step counter restarted from 1:\n{steps}"
+    assert steps[-1] == max_steps
+    first_after = next(s for s in steps[steps.index(resumed[-1]) + 1:] if s == resumed[-1] + 1)
+    assert first_after == resumed[-1] + 1
+    assert len({json.loads(f.read_text())["weights_sha256"] for f in folder.glob("weights_rank*.json")}) == 1
+    submitit_log = "\n".join(p.read_text(errors="replace") for p in folder.glob("*_0_log.out"))
+    assert "restart 1" in submitit_log, submitit_log[-2000:]
+
+
+def test_failing_job_shows_traceback_and_nonzero_state(slurm_cluster, in_repo_root, tmp_path):
+    """(c) a job whose training raises: FAILED in SLURM, non-zero exit code, traceback surfaced by --wait."""
+    cmd = [sys.executable, "-m", "slurm.launch", *_common(slurm_cluster, tmp_path / "%j"), "--nodes", "1",
+           "--tasks-per-node", "1", "--wait", "--dataset", "fashion_mnist", "--model", "no_such_model_xyz",
+           "--max-train-samples", "64", "--max-val-samples", "32", "--workers", "0", "--threads", "1"]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=in_repo_root)
+    print(f"failing job: launcher rc={r.returncode} after {time.time() - t0:.1f}s")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    m = re.search(r"Submitted job (\d+)", r.stdout)
+    assert m, r.stdout
+    job_id = m.group(1)
+    assert "Traceback (most recent call last)" in r.stderr, r.stderr
+    assert "no_such_model_xyz" in r.stderr, r.stderr
+    assert f"job {job_id} failed" in r.stderr
+    state = _wait_for(lambda: (s := _sacct_state(job_id)) and not s.startswith(("RUNNING", "PENDING",
+                                                                                  "COMPLETING")) and s,
+                      60, "final state in sacct")
+    st, exit_code = state.split("|")
+    assert st == "FAILED", state
+    assert exit_code.split(":")[0] != "0", state
+
+
+def test_unknown_partition_is_reported(slurm_cluster, in_repo_root, tmp_path, capsys):
+    """Bad input: SLURM's own error for an unknown partition is surfaced; the launcher exits non-zero."""
+    argv = [*_common(slurm_cluster, tmp_path / "%j"), "--partition", "no_such_partition", "--nodes", "1",
+            "--tasks-per-node", "1", "--entry", ENTRY, *TRAIN, "--max-steps", "1"]
+    rc = launch.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "SLURM rejected the submission" in err
+    assert "Invalid partition name specified" in err, err
+
+
+@pytest.mark.parametrize("extra", [["--nodes", "5"], ["--cpus-per-task", "64"]], ids=["nodes", "cpus"])
+def test_impossible_resources_are_reported(slurm_cluster, in_repo_root, tmp_path, capsys, extra):
+    argv = [*_common(slurm_cluster, tmp_path / "%j"), "--tasks-per-node", "1", *extra, "--entry", ENTRY,
+            *TRAIN, "--max-steps", "1"]
+    rc = launch.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "SLURM rejected the submission" in err
+    assert "Requested node configuration is not available" in err, err
+
+
+def test_missing_training_flags_not_submitted(slurm_cluster, in_repo_root, tmp_path, capsys):
+    """A training flag without its value is caught by the trainer's parser before sbatch is called."""
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    job_dir = tmp_path / "jobs"
+    argv = [*_common(slurm_cluster, job_dir / "%j"), "--nodes", "1", "--tasks-per-node", "1",
+            "--dataset", "fashion_mnist", "--model"]
+    rc = launch.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--model: expected one argument" in err, err
+    assert "nothing was submitted" in err
+    assert not job_dir.exists() or not any(job_dir.rglob("*.pkl"))
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+    assert set(after) <= set(before)
