@@ -21,8 +21,9 @@ from torch import nn
 from torch.jit import Final
 
 from .backends import fused_contract_and_broadcast, resolve_backend
+from ._fx import register_notrace_function
 from .layout import GridAwareAttention
-from .representatives import check_token_layout, pool_representatives, to_grid
+from .representatives import pool_representatives, to_grid
 
 __all__ = ['CBSA', 'softmax_fp32']
 
@@ -32,11 +33,60 @@ def softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=-1).to(logits.dtype)
 
 
-def _logits(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """(a · s) bᵀ; fp16 inputs are promoted so the logits cannot overflow."""
+@register_notrace_function
+def similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """(a · s) bᵀ; float16 inputs are promoted so the logits cannot overflow (FX: a leaf, it branches on dtype)."""
     if a.dtype == torch.float16:
         a, b = a.float(), b.float()
     return (a * scale) @ b.transpose(-2, -1)
+
+
+torch.fx.wrap('similarity')
+
+
+# input checks: FX keeps them as leaf calls (they branch on sizes); torch.fx.wrap must be called in this module
+@register_notrace_function
+def check_token_layout(
+        num_tokens: int,
+        grid_size: Tuple[int, int],
+        rep_grid: Tuple[int, int],
+        num_prefix_tokens: int,
+        legacy: bool,
+) -> None:
+    """Raise a clear error when the tokens cannot be laid out on the patch grid (FX: kept as a leaf call)."""
+    gh, gw = grid_size[0], grid_size[1]
+    rh, rw = rep_grid[0], rep_grid[1]
+    if gh < rh or gw < rw:
+        raise ValueError(
+            'CBSA: the patch grid ' + str(gh) + 'x' + str(gw) + ' is smaller than the representative grid '
+            + str(rh) + 'x' + str(rw) + '; use a larger image or a smaller rep_grid.')
+    if num_tokens < gh * gw:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens but the patch grid ' + str(gh) + 'x' + str(gw)
+            + ' needs ' + str(gh * gw) + ' patch tokens.')
+    if num_prefix_tokens >= 0 and num_tokens != num_prefix_tokens + gh * gw:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens, expected ' + str(num_prefix_tokens) + ' prefix + '
+            + str(gh) + 'x' + str(gw) + ' patch tokens.')
+    if legacy and num_tokens != gh * gw + 1:
+        raise ValueError(
+            'CBSA: legacy_pool reproduces the released code, which needs exactly one prefix (class) token; got '
+            + str(num_tokens - gh * gw) + '.')
+
+
+torch.fx.wrap('check_token_layout')
+
+
+@register_notrace_function
+def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    """CBSA pools every patch token and broadcasts to every token, so it cannot honour a mask."""
+    if attn_mask is not None or is_causal:
+        raise ValueError(
+            'CBSA cannot honour attn_mask / is_causal: its representatives pool every patch token and its '
+            'broadcast reaches every token. Use a softmax attention layer for masked inputs.')
+
+
+torch.fx.wrap('check_no_mask')
 
 
 class CBSA(GridAwareAttention):
@@ -138,11 +188,11 @@ class CBSA(GridAwareAttention):
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
         # 1. extraction: each representative attends over all N tokens
-        attn = softmax_fp32(_logits(r, w, self.scale))            # (B, H, m, N), rows sum to 1 over tokens
+        attn = softmax_fp32(similarity(r, w, self.scale))            # (B, H, m, N), rows sum to 1 over tokens
         attn = self.attn_drop(attn)
         r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
         # 2. contraction: self-attention among the representatives
-        c = softmax_fp32(_logits(r, r, self.scale)) @ r           # (B, H, m, d)
+        c = softmax_fp32(similarity(r, r, self.scale)) @ r           # (B, H, m, d)
         # 3. broadcast through the same extraction matrix, scaled by the step size κ
         return self.step_x * (attn.transpose(-2, -1) @ c)         # (B, H, N, d)
 
@@ -153,10 +203,7 @@ class CBSA(GridAwareAttention):
             is_causal: bool = False,
             grid_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError(
-                'CBSA cannot honour attn_mask / is_causal: its representatives pool every patch token and its '
-                'broadcast reaches every token. Use a softmax attention layer for masked inputs.')
+        check_no_mask(attn_mask, is_causal)
         B, N, C = x.shape
         w = self.project(x)                                       # (B, H, N, d)
         r = self.representatives(w, grid_size)                    # (B, H, m, d)

@@ -14,9 +14,8 @@ from typing import List, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._fx import register_notrace_function
 
-__all__ = ['pool_representatives', 'to_grid', 'check_token_layout']
+__all__ = ['pool_representatives', 'to_grid']
 
 
 def to_grid(size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
@@ -27,38 +26,6 @@ def to_grid(size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f'A representative grid is an int or a pair of positive ints, got {size!r}.')
     return size[0], size[1]
-
-
-@register_notrace_function
-def check_token_layout(
-        num_tokens: int,
-        grid_size: Tuple[int, int],
-        rep_grid: Tuple[int, int],
-        num_prefix_tokens: int,
-        legacy: bool,
-) -> None:
-    """Raise a clear error when the tokens cannot be laid out on the patch grid (FX: kept as a leaf call)."""
-    gh, gw = grid_size[0], grid_size[1]
-    rh, rw = rep_grid[0], rep_grid[1]
-    if gh < rh or gw < rw:
-        raise ValueError(
-            'CBSA: the patch grid ' + str(gh) + 'x' + str(gw) + ' is smaller than the representative grid '
-            + str(rh) + 'x' + str(rw) + '; use a larger image or a smaller rep_grid.')
-    if num_tokens < gh * gw:
-        raise ValueError(
-            'CBSA: got ' + str(num_tokens) + ' tokens but the patch grid ' + str(gh) + 'x' + str(gw)
-            + ' needs ' + str(gh * gw) + ' patch tokens.')
-    if num_prefix_tokens >= 0 and num_tokens != num_prefix_tokens + gh * gw:
-        raise ValueError(
-            'CBSA: got ' + str(num_tokens) + ' tokens, expected ' + str(num_prefix_tokens) + ' prefix + '
-            + str(gh) + 'x' + str(gw) + ' patch tokens.')
-    if legacy and num_tokens != gh * gw + 1:
-        raise ValueError(
-            'CBSA: legacy_pool reproduces the released code, which needs exactly one prefix (class) token; got '
-            + str(num_tokens - gh * gw) + '.')
-
-
-torch.fx.wrap('check_token_layout')
 
 
 def pool_representatives(

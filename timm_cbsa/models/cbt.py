@@ -32,6 +32,7 @@ class ConvStemPatchEmbed(PatchEmbed):
     """Patch embedding by log2(patch) 3×3 stride-2 convs (no bias) + BatchNorm, GELU between them.
 
     patch 16: 3 → d/8 → d/4 → d/2 → d; patch 8: 3 → d/4 → d/2 → d. No norm or activation after the last BatchNorm.
+    The forward (size checks, padding, output format) is timm's PatchEmbed.forward.
     """
 
     def __init__(
@@ -71,14 +72,6 @@ class ConvStemPatchEmbed(PatchEmbed):
                 layers.append(nn.GELU())
         self.proj = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if not self.dynamic_img_pad and (H % self.patch_size[0] != 0 or W % self.patch_size[1] != 0):
-            raise ValueError(
-                f'CBT conv stem: image size {H}x{W} is not divisible by the patch size {self.patch_size}; '
-                'resize the image or build the model with dynamic_img_pad=True.')
-        return super().forward(x)
-
 
 class CBTBlock(nn.Module):
     """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Accepts timm's block_fn keyword arguments."""
@@ -115,8 +108,13 @@ class CBTBlock(nn.Module):
         self.norm2 = norm_layer(dim, **dd)
         self.ista = ISTA(dim, **dd)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask))
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return self.ista(self.norm2(x))
 
 
