@@ -111,10 +111,21 @@ def clean_stale_tmp(folder: str) -> List[str]:
 
 # ---------------------------------------------------------------------------- RNG state
 
+def _np_state_to_safe(st):
+    # numpy arrays are not loadable with torch.load(weights_only=True); store the key as a tensor
+    name, keys, pos, has_gauss, cached = st
+    return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _np_state_from_safe(st):
+    name, keys, pos, has_gauss, cached = st
+    return (name, np.asarray(keys.numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32), pos, has_gauss, cached)
+
+
 def get_rng_state() -> Dict[str, Any]:
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _np_state_to_safe(np.random.get_state()),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -124,7 +135,7 @@ def get_rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_np_state_from_safe(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         try:
@@ -140,7 +151,7 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"Checkpoint file '{path}' does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"Checkpoint file '{path}' is unreadable or truncated ({type(e).__name__}: {e}).") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

@@ -90,6 +90,25 @@ class _Limit(torch.utils.data.Dataset):
         return self.ds[i]
 
 
+def check_data_source(args) -> None:
+    """Cheap early check (before the model is built) that the data location exists and looks right."""
+    kind = dataset_kind(args.dataset)
+    if kind == "fashion_mnist":
+        from timm_cbsa.data.fashion_mnist import _find, _missing_msg, _FILES
+        root = args.data_dir or DEFAULT_FASHION_MNIST_DIR
+        if not os.path.isdir(root):
+            raise DatasetNotFoundError(_missing_msg(root, "data directory does not exist"))
+        for stems in _FILES.values():
+            for stem in stems[:2]:
+                _find(root, stem)
+    elif kind == "folder":
+        _check_image_folder(args.data_dir, args.train_split)
+        _check_image_folder(args.data_dir, args.val_split)
+    elif kind == "timm" and args.data_dir and not os.path.exists(args.data_dir) \
+            and not args.dataset.startswith(("hfds/", "hfids/")):
+        raise DatasetNotFoundError(f"Data directory '{args.data_dir}' does not exist.")
+
+
 def build_datasets(args, data_cfg: Dict[str, Any]) -> Tuple[torch.utils.data.Dataset, torch.utils.data.Dataset, int]:
     """Train / eval datasets with timm transforms. Returns (train, eval, num_classes_found)."""
     kind = dataset_kind(args.dataset)

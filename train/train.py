@@ -43,7 +43,7 @@ from .checkpoint import (
     CKPT_FORMAT_VERSION, CheckpointError, CheckpointManager, clean_stale_tmp, find_resume_checkpoint,
     get_rng_state, load_checkpoint_file, set_rng_state,
 )
-from .data import build_datasets, build_loaders, dataset_defaults, dataset_kind
+from .data import build_datasets, build_loaders, check_data_source, dataset_defaults, dataset_kind
 
 _logger = logging.getLogger("train")
 
@@ -429,6 +429,7 @@ def _run(args, device, rank, world, distributed) -> Dict[str, Any]:
     torch.manual_seed(seed)
 
     _import_modules(args.model_import)
+    check_data_source(args)
 
     # ---- data config -------------------------------------------------------
     kind = dataset_kind(args.dataset)

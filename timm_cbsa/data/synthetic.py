@@ -11,7 +11,7 @@ __all__ = ["SyntheticImages"]
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """``num_samples`` grey/RGB images whose class is encoded as a bright bar position plus noise.
+    """``num_samples`` grey/RGB images whose class is a stripe pattern (orientation, period) plus noise.
 
     Entirely generated from ``seed`` (no files); the train and test splits use different seeds.
     Samples are PIL images so the same transforms as for real data apply.
@@ -21,10 +21,15 @@ class SyntheticImages(torch.utils.data.Dataset):
                  split: str = "train", seed: int = 0, transform: Optional[Callable] = None):
         rng = np.random.default_rng(seed + (0 if split == "train" else 10_000))
         self.targets = rng.integers(0, num_classes, size=num_samples).astype(np.int64)
-        imgs = rng.normal(60, 25, size=(num_samples, img_size, img_size)).clip(0, 255)
-        band = max(1, img_size // num_classes)
+        # class t -> sinusoidal stripes: orientation t % 2, period 2 + t // 2 pixels, random phase, noise
+        yy, xx = np.mgrid[0:img_size, 0:img_size].astype(np.float64)
+        imgs = np.empty((num_samples, img_size, img_size))
         for i, t in enumerate(self.targets):
-            imgs[i, t * band:(t + 1) * band, :] += 120
+            coord = yy if t % 2 == 0 else xx
+            period = 2.0 + t // 2
+            phase = rng.uniform(0, 2 * np.pi)
+            imgs[i] = 128 + 80 * np.sin(2 * np.pi * coord / period + phase)
+        imgs += rng.normal(0, 25, size=imgs.shape)
         self.images = imgs.clip(0, 255).astype(np.uint8)
         self.channels = channels
         self.classes = tuple(str(c) for c in range(num_classes))
