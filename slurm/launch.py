@@ -372,6 +372,32 @@ def submit(argv: Sequence[str]):
         raise LaunchError(f"SLURM rejected the submission:\n{msg}") from e
 
 
+# pending reasons that mean "this job can never start as requested" (clusters without EnforcePartLimits accept
+# such jobs and leave them pending forever)
+UNRUNNABLE_REASONS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                      "InvalidAccount", "InvalidQOS", "QOSMaxNodePerJobLimit", "QOSMaxCpuPerJobLimit",
+                      "QOSMaxGRESPerJob", "ReqNodeNotAvail", "AssocMaxNodesPerJobLimit")
+
+
+def check_unrunnable(job_id: str, patience_s: float = 4.0) -> Optional[str]:
+    """SLURM's pending reason if the freshly submitted job can never start, else None (best effort)."""
+    t0 = time.time()
+    while True:
+        try:
+            out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        state, _, reason = out.partition("|")
+        if state != "PENDING":
+            return None
+        if reason.startswith(UNRUNNABLE_REASONS):
+            return reason
+        if reason not in ("None", "") or time.time() - t0 > patience_s:
+            return None
+        time.sleep(0.5)
+
+
 def wait(job, poll_s: float = 2.0) -> Any:
     """Wait for all tasks; returns task 0's result, raises LaunchError with the remote traceback on failure."""
     import submitit
@@ -401,6 +427,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001
             raise LaunchError(f"SLURM rejected the submission:\n{str(e).strip()}") from e
         folder = str(job.paths.folder)
+        if not a.local:
+            reason = check_unrunnable(job.job_id)
+            if reason:
+                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+                raise LaunchError(f"SLURM accepted job {job.job_id} but it can never start as requested "
+                                  f"(pending reason: {reason}); it was cancelled. Check --nodes/--gpus-per-node/"
+                                  f"--cpus-per-task/--mem/--timeout against `sinfo -p <partition>`.")
         print(f"Submitted job {job.job_id} ({'local' if a.local else 'slurm'}); job folder {folder}", flush=True)
         print(f"  logs: {job.paths.stdout} / {job.paths.stderr}", flush=True)
         if not a.wait:

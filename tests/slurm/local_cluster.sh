@@ -157,6 +157,8 @@ MinJobAge=300
 KillWait=5
 Waittime=0
 JobRequeue=1
+# reject jobs that can never run in their partition at submission time (like most production clusters)
+EnforcePartLimits=ALL
 ${node_lines%$'\n'}
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

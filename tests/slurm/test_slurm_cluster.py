@@ -191,15 +191,21 @@ def test_unknown_partition_is_reported(slurm_cluster, in_repo_root, tmp_path, ca
     assert "Invalid partition name specified" in err, err
 
 
-@pytest.mark.parametrize("extra", [["--nodes", "5"], ["--cpus-per-task", "64"]], ids=["nodes", "cpus"])
-def test_impossible_resources_are_reported(slurm_cluster, in_repo_root, tmp_path, capsys, extra):
+@pytest.mark.parametrize("extra, slurm_error", [
+    (["--nodes", "5"], "More processors requested than permitted"),
+    (["--cpus-per-task", "64"], "More processors requested than permitted"),
+    (["--gpus-per-node", "8", "--cpus-per-task", "1"], "Invalid generic resource (gres) specification"),
+    (["--mem", "999999"], "Requested node configuration is not available"),
+], ids=["nodes", "cpus", "gpus", "mem"])
+def test_impossible_resources_are_reported(slurm_cluster, in_repo_root, tmp_path, capsys, extra, slurm_error):
+    """Bad input: resources the cluster cannot provide -> SLURM's own sbatch error, non-zero exit."""
     argv = [*_common(slurm_cluster, tmp_path / "%j"), "--tasks-per-node", "1", *extra, "--entry", ENTRY,
             *TRAIN, "--max-steps", "1"]
     rc = launch.main(argv)
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 2, err
     assert "SLURM rejected the submission" in err
-    assert "Requested node configuration is not available" in err, err
+    assert slurm_error in err, err
 
 
 def test_missing_training_flags_not_submitted(slurm_cluster, in_repo_root, tmp_path, capsys):
