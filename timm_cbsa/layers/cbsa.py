@@ -25,23 +25,26 @@ from ._fx import register_notrace_function
 from .layout import GridAwareAttention
 from .representatives import pool_representatives, to_grid
 
-__all__ = ['CBSA', 'softmax_fp32']
-
-
-def softmax_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim with float32 statistics, returned in the input dtype."""
-    return logits.float().softmax(dim=-1).to(logits.dtype)
+__all__ = ['CBSA', 'attention_weights']
 
 
 @register_notrace_function
-def similarity(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """(a · s) bᵀ; float16 inputs are promoted so the logits cannot overflow (FX: a leaf, it branches on dtype)."""
-    if a.dtype == torch.float16:
-        a, b = a.float(), b.float()
-    return (a * scale) @ b.transpose(-2, -1)
+def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax over the last dim of (q·s) kᵀ, in q's dtype.
+
+    float16 inputs get float32 logits (fp16 products can overflow 65504); bfloat16 has float32's range, so only its
+    softmax statistics are float32. FX keeps this as one leaf call because it branches on dtype.
+    """
+    if q.dtype == torch.float16:
+        logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    else:
+        logits = (q * scale) @ k.transpose(-2, -1)
+    if logits.dtype != q.dtype or q.dtype == torch.bfloat16:
+        return logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return logits.softmax(dim=-1)
 
 
-torch.fx.wrap('similarity')
+torch.fx.wrap('attention_weights')
 
 
 # input checks: FX keeps them as leaf calls (they branch on sizes); torch.fx.wrap must be called in this module
@@ -188,11 +191,11 @@ class CBSA(GridAwareAttention):
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
         # 1. extraction: each representative attends over all N tokens
-        attn = softmax_fp32(similarity(r, w, self.scale))            # (B, H, m, N), rows sum to 1 over tokens
+        attn = attention_weights(r, w, self.scale)            # (B, H, m, N), rows sum to 1 over tokens
         attn = self.attn_drop(attn)
         r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
         # 2. contraction: self-attention among the representatives
-        c = softmax_fp32(similarity(r, r, self.scale)) @ r           # (B, H, m, d)
+        c = attention_weights(r, r, self.scale) @ r           # (B, H, m, d)
         # 3. broadcast through the same extraction matrix, scaled by the step size κ
         return self.step_x * (attn.transpose(-2, -1) @ c)         # (B, H, N, d)
 
