@@ -1,0 +1,174 @@
+"""Attention maps of CBSA models (CBT, cbsa_vit, converted ViTs) and of plain softmax timm ViTs.
+
+For a CBSA layer the paper (§6.7) estimates the full N×N attention of head k as A_k A_kᵀ, where A_k (N×m) is the
+extraction matrix. In the code's row convention the layer's ``attn`` is A_kᵀ (m×N), so the estimate is
+``attnᵀ attn`` and the class-token row is ``Σ_i attn[i, 0] · attn[i, :]``. For a softmax layer the map is the
+attention matrix itself, ``softmax(q kᵀ · s)``.
+
+The maps are recomputed from each attention layer's *input* (captured by forward pre-hooks) with the layer's public
+methods (``project`` / ``representatives`` for CBSA, ``qkv`` / ``q_norm`` / ``k_norm`` for timm's ``Attention``), so
+they do not depend on the compute backend (eager / sdpa / fused softmax). With the eager CBSA backend they equal what
+``timm.utils.AttentionExtract(model, method='hook')`` captures at ``*attn_drop`` (tested).
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._ops import attention_softmax
+
+__all__ = [
+    'LayerTrace', 'ModelTrace', 'attention_layers', 'attention_kind', 'trace_model', 'extraction_matrix',
+    'full_attention', 'query_attention', 'class_token_maps',
+]
+
+
+def attention_kind(module: nn.Module) -> Optional[str]:
+    """'cbsa' (pooled-representative attention exposing ``project`` / ``representatives``), 'extraction' (any layer
+    exposing ``extraction_matrix(x)`` -> (B, H, m, N)), 'softmax' (timm ``Attention``-like: ``qkv`` with 3·C outputs),
+    or None."""
+    if hasattr(module, 'extraction_matrix') and callable(getattr(module, 'extraction_matrix')):
+        return 'extraction'
+    if all(hasattr(module, a) for a in ('project', 'representatives', 'scale', 'num_heads')):
+        return 'cbsa'
+    qkv = getattr(module, 'qkv', None)
+    if isinstance(qkv, nn.Linear) and hasattr(module, 'num_heads') and hasattr(module, 'head_dim'):
+        if qkv.out_features == 3 * module.num_heads * module.head_dim:
+            return 'softmax'
+    return None
+
+
+def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The attention layer of every block (``blocks.i.attn``), in depth order."""
+    blocks = getattr(model, 'blocks', None)
+    if blocks is None:
+        raise ValueError(f'{type(model).__name__} has no .blocks; expected a timm VisionTransformer-like model.')
+    out = []
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, 'attn', None)
+        if attn is not None and attention_kind(attn) is not None:
+            out.append((f'blocks.{i}.attn', attn))
+    if not out:
+        raise ValueError('No supported attention layers found under model.blocks[i].attn.')
+    return out
+
+
+@dataclass
+class LayerTrace:
+    name: str
+    kind: str
+    module: nn.Module
+    x: torch.Tensor                          # (B, N, C): the attention layer's input (after the block's norm1)
+    ista_out: Optional[torch.Tensor] = None  # (B, N, C): the block's ISTA output (CBT), if any
+
+
+@dataclass
+class ModelTrace:
+    layers: List[LayerTrace]
+    num_prefix_tokens: int
+    grid_size: Tuple[int, int]
+    logits: Optional[torch.Tensor] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def _grid_and_prefix(model: nn.Module, x: torch.Tensor, n_tokens: int) -> Tuple[Tuple[int, int], int]:
+    prefix = int(getattr(model, 'num_prefix_tokens', 0))
+    pe = model.patch_embed
+    if hasattr(pe, 'dynamic_feat_size'):
+        gh, gw = pe.dynamic_feat_size((x.shape[-2], x.shape[-1]))
+    else:
+        gh, gw = pe.grid_size
+    gh, gw = int(gh), int(gw)
+    if prefix + gh * gw != n_tokens:
+        prefix = n_tokens - gh * gw
+    return (gh, gw), prefix
+
+
+@torch.no_grad()
+def trace_model(model: nn.Module, x: torch.Tensor) -> ModelTrace:
+    """Run ``model(x)`` once and record every attention layer's input and every ISTA block's output."""
+    layers = attention_layers(model)
+    captured: Dict[str, torch.Tensor] = {}
+    ista: Dict[int, torch.Tensor] = {}
+    handles = []
+    for name, mod in layers:
+        def pre_hook(module, args, kwargs, _name=name):
+            captured[_name] = (args[0] if args else kwargs['x']).detach()
+        handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for i, blk in enumerate(model.blocks):
+        if hasattr(blk, 'ista'):
+            def hook(module, args, output, _i=i):
+                ista[_i] = output.detach()
+            handles.append(blk.ista.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    traces = []
+    for name, mod in layers:
+        idx = int(name.split('.')[1])
+        traces.append(LayerTrace(name, attention_kind(mod), mod, captured[name], ista.get(idx)))
+    grid, prefix = _grid_and_prefix(model, x, traces[0].x.shape[1])
+    return ModelTrace(traces, prefix, grid, logits)
+
+
+def extraction_matrix(layer: LayerTrace) -> torch.Tensor:
+    """CBSA extraction matrix A (the code's ``attn``, the paper's A_kᵀ): (B, H, m, N), rows sum to 1 over tokens."""
+    mod, x = layer.module, layer.x
+    if layer.kind == 'extraction':
+        return mod.extraction_matrix(x)
+    if layer.kind != 'cbsa':
+        raise ValueError(f'{layer.name} ({layer.kind}) has no extraction matrix.')
+    w = mod.project(x)
+    r = mod.representatives(w)
+    return attention_softmax(r, w, mod.scale)
+
+
+def _softmax_attention(layer: LayerTrace) -> torch.Tensor:
+    mod, x = layer.module, layer.x
+    B, N, _ = x.shape
+    qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    q, k = mod.q_norm(q), mod.k_norm(k)
+    return ((q * mod.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+
+
+def full_attention(layer: LayerTrace) -> torch.Tensor:
+    """(B, H, N, N): A_k A_kᵀ for CBSA-type layers (paper §6.7), softmax(q kᵀ s) for softmax layers."""
+    if layer.kind == 'softmax':
+        return _softmax_attention(layer)
+    a = extraction_matrix(layer).float()
+    return a.transpose(-2, -1) @ a
+
+
+def query_attention(layer: LayerTrace, index: int = 0) -> torch.Tensor:
+    """Row ``index`` of the full attention, (B, H, N), without forming the N×N matrix for CBSA layers."""
+    if layer.kind == 'softmax':
+        return _softmax_attention(layer)[:, :, index, :]
+    a = extraction_matrix(layer).float()                       # (B, H, m, N)
+    return (a[..., index].unsqueeze(-2) @ a).squeeze(-2)       # Σ_i A[i, index] A[i, :]
+
+
+@torch.no_grad()
+def class_token_maps(trace: ModelTrace, query: str = 'cls') -> torch.Tensor:
+    """Class-token attention over the patch grid for every layer and head: (L, B, H, gh, gw).
+
+    ``query='cls'`` uses the row of token 0 (the class token); models without prefix tokens, or ``query='mean'``,
+    use the mean row (the average token's attention).
+    """
+    gh, gw = trace.grid_size
+    p = trace.num_prefix_tokens
+    maps = []
+    for layer in trace.layers:
+        if query == 'cls' and p > 0:
+            row = query_attention(layer, 0)
+        else:
+            row = full_attention(layer).mean(-2)
+        patches = row[..., p:]
+        maps.append(patches.reshape(*patches.shape[:2], gh, gw))
+    return torch.stack(maps)
