@@ -11,6 +11,13 @@ from .layers import (
 
 _ATTN_LAYERS['cbsa'] = CBSA
 
+from .layers.family import (  # noqa: E402  (the CBSA family: 'cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear')
+    FAMILY_ATTN_LAYERS, MSSA, TSSA, AgentAttention, AgentAttentionQKV, CBSAStar, LinearAttention,
+    contract_and_broadcast_general,
+)
+
+_ATTN_LAYERS.update(FAMILY_ATTN_LAYERS)
+
 from .models import CheckpointMismatchError, configure_cbsa, load_official_cbt  # noqa: E402  (registers models)
 
 __version__ = '0.1.0'
