@@ -20,4 +20,9 @@ _ATTN_LAYERS.update(FAMILY_ATTN_LAYERS)
 
 from .models import CheckpointMismatchError, configure_cbsa, load_official_cbt  # noqa: E402  (registers models)
 
+from .convert import (  # noqa: E402  (after the models: convert uses configure_cbsa / CheckpointMismatchError)
+    ConversionReport, UnsupportedModelError, attention_kind, convert, create_with_attention, load_converted,
+    save_converted,
+)
+
 __version__ = '0.1.0'
