@@ -25,7 +25,30 @@ from ._fx import register_notrace_function
 from .layout import GridAwareAttention
 from .representatives import pool_representatives, to_grid
 
-__all__ = ['CBSA', 'attention_weights']
+__all__ = ['CBSA', 'attention_weights', 'similarity', 'softmax_fp32']
+
+
+@register_notrace_function
+def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(q·s) kᵀ. float16 inputs give float32 logits (fp16 products can overflow 65504). FX: a leaf call."""
+    if q.dtype == torch.float16:
+        q, k = q.float(), k.float()
+    return (q * scale) @ k.transpose(-2, -1)
+
+
+torch.fx.wrap('similarity')
+
+
+@register_notrace_function
+def softmax_fp32(logits: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Softmax over the last dim with at least float32 statistics, returned in ``dtype`` (default: logits')."""
+    out_dtype = logits.dtype if dtype is None else dtype
+    if logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return logits.softmax(dim=-1, dtype=torch.float32).to(out_dtype)
+    return logits.softmax(dim=-1).to(out_dtype)
+
+
+torch.fx.wrap('softmax_fp32')
 
 
 @register_notrace_function
