@@ -12,7 +12,7 @@ import torch
 
 from ._ops import attention_softmax
 from .coding_rate import EPS2, coding_rate, head_coding_rates
-from .maps import LayerTrace, ModelTrace, extraction_matrix
+from .maps import LayerTrace, ModelTrace, qkv_heads
 
 __all__ = ['projected_tokens', 'layer_coding_rates', 'cbsa_step_rates', 'LAYER_COLUMNS', 'STEP_COLUMNS']
 
@@ -25,15 +25,18 @@ STEP_COLUMNS = [
 
 @torch.no_grad()
 def projected_tokens(layer: LayerTrace) -> torch.Tensor:
-    """U_kᵀZ per head: (B, H, N, p)."""
-    mod, x = layer.module, layer.x
-    if hasattr(mod, 'project'):
-        return mod.project(x)
-    if layer.kind == 'softmax':
-        B, N, _ = x.shape
-        qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[2]
-    raise ValueError(f'{layer.name}: cannot project tokens onto heads.')
+    """U_kᵀZ per head: (B, H, N, p). Single-projection layers (CBSA, MSSA, agent): ``project(x)``; three-projection
+    layers (softmax, CBSA*, linear): the value projection."""
+    q, k, v = qkv_heads(layer)
+    return v
+
+
+def _is_cbsa(layer: LayerTrace) -> bool:
+    """The paper's CBSA (one projection, η and κ): the layers the eq. (8) step table covers."""
+    mod = layer.module
+    if layer.kind != 'representative' or not (hasattr(mod, 'step_rep') and hasattr(mod, 'step_x')):
+        return False
+    return not isinstance(mod.project(layer.x[:1]), (tuple, list))
 
 
 @torch.no_grad()
@@ -90,7 +93,7 @@ def cbsa_step_rates(trace: ModelTrace, eps2: float = EPS2) -> List[Dict[str, obj
     """
     rows = []
     for i, layer in enumerate(trace.layers):
-        if layer.kind != 'cbsa':
+        if not _is_cbsa(layer):
             continue
         mod = layer.module
         w = mod.project(layer.x)

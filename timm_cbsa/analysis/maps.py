@@ -7,36 +7,64 @@ attention matrix itself, ``softmax(q kᵀ · s)``.
 
 The maps are recomputed from each attention layer's *input* (captured by forward pre-hooks) with the layer's public
 methods (``project`` / ``representatives`` for CBSA, ``qkv`` / ``q_norm`` / ``k_norm`` for timm's ``Attention``), so
-they do not depend on the compute backend (eager / sdpa / fused softmax). With the eager CBSA backend they equal what
+they do not depend on the compute backend (eager / sdpa / fused softmax). Converted ViTs (``cbsa_star``, ``agent``,
+``linear``, ``mssa`` layers) are handled by duck typing, see ``attention_kind``. With the eager CBSA backend they equal what
 ``timm.utils.AttentionExtract(model, method='hook')`` captures at ``*attn_drop`` (tested).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._ops import attention_softmax
 
 __all__ = [
-    'LayerTrace', 'ModelTrace', 'attention_layers', 'attention_kind', 'trace_model', 'extraction_matrix',
+    'LayerTrace', 'ModelTrace', 'attention_layers', 'attention_kind', 'qkv_heads', 'trace_model', 'extraction_matrix',
     'full_attention', 'query_attention', 'class_token_maps',
 ]
 
 
 def attention_kind(module: nn.Module) -> Optional[str]:
-    """'cbsa' (pooled-representative attention exposing ``project`` / ``representatives``), 'extraction' (any layer
-    exposing ``extraction_matrix(x)`` -> (B, H, m, N)), 'softmax' (timm ``Attention``-like: ``qkv`` with 3·C outputs),
-    or None."""
-    if hasattr(module, 'extraction_matrix') and callable(getattr(module, 'extraction_matrix')):
+    """How a layer's token-to-token map is formed (duck-typed, so converted / family layers work too):
+
+    'extraction'      the layer has ``extraction_matrix(x)`` -> (B, H, m, N)
+    'representative'  pooled representatives (``representatives`` + ``project``): CBSA, CBSA*, agent attention;
+                      A = softmax(R kᵀ s) with R = pool(q), map = Aᵀ A (the paper's A_k A_kᵀ)
+    'linear'          kernelised linear attention (``LinearAttention``): map = φ(q) φ(k)ᵀ / normaliser
+    'softmax'         softmax attention: timm ``Attention`` (``qkv`` with 3·C outputs) or MSSA (q = k = v)
+    None              no token-to-token map (e.g. TSSA's channel attention)
+    """
+    if callable(getattr(module, 'extraction_matrix', None)):
         return 'extraction'
-    if all(hasattr(module, a) for a in ('project', 'representatives', 'scale', 'num_heads')):
-        return 'cbsa'
+    has_project = callable(getattr(module, 'project', None))
+    if has_project and callable(getattr(module, 'representatives', None)):
+        return 'representative'
+    name = type(module).__name__
+    if has_project and name == 'LinearAttention':
+        return 'linear'
+    if has_project and name == 'MSSA':
+        return 'softmax'
     qkv = getattr(module, 'qkv', None)
     if isinstance(qkv, nn.Linear) and hasattr(module, 'num_heads') and hasattr(module, 'head_dim'):
-        if qkv.out_features == 3 * module.num_heads * module.head_dim:
+        if qkv.out_features == 3 * module.num_heads * module.head_dim and not has_project:
             return 'softmax'
     return None
+
+
+def qkv_heads(layer: 'LayerTrace') -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v), each (B, H, N, d), of a layer's input; q = k = v = U_kᵀZ for single-projection layers (CBSA)."""
+    mod, x = layer.module, layer.x
+    if callable(getattr(mod, 'project', None)):
+        out = mod.project(x)
+        if isinstance(out, (tuple, list)):
+            return out[0], out[1], out[2]
+        return out, out, out
+    B, N, _ = x.shape
+    qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return mod.q_norm(q), mod.k_norm(k), v
 
 
 def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -118,38 +146,36 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> ModelTrace:
 
 
 def extraction_matrix(layer: LayerTrace) -> torch.Tensor:
-    """CBSA extraction matrix A (the code's ``attn``, the paper's A_kᵀ): (B, H, m, N), rows sum to 1 over tokens."""
-    mod, x = layer.module, layer.x
+    """Extraction matrix A (the code's ``attn``, the paper's A_kᵀ): (B, H, m, N), rows sum to 1 over tokens."""
+    mod = layer.module
     if layer.kind == 'extraction':
-        return mod.extraction_matrix(x)
-    if layer.kind != 'cbsa':
+        return mod.extraction_matrix(layer.x)
+    if layer.kind != 'representative':
         raise ValueError(f'{layer.name} ({layer.kind}) has no extraction matrix.')
-    w = mod.project(x)
-    r = mod.representatives(w)
-    return attention_softmax(r, w, mod.scale)
-
-
-def _softmax_attention(layer: LayerTrace) -> torch.Tensor:
-    mod, x = layer.module, layer.x
-    B, N, _ = x.shape
-    qkv = mod.qkv(x).reshape(B, N, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = mod.q_norm(q), mod.k_norm(k)
-    return ((q * mod.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+    q, k, _ = qkv_heads(layer)
+    r = mod.representatives(q)
+    return attention_softmax(r, k, mod.scale)
 
 
 def full_attention(layer: LayerTrace) -> torch.Tensor:
-    """(B, H, N, N): A_k A_kᵀ for CBSA-type layers (paper §6.7), softmax(q kᵀ s) for softmax layers."""
+    """(B, H, N, N): A_k A_kᵀ for representative layers (paper §6.7), softmax(q kᵀ s) for softmax layers, the
+    normalised kernel φ(q)φ(k)ᵀ for linear attention."""
     if layer.kind == 'softmax':
-        return _softmax_attention(layer)
+        q, k, _ = qkv_heads(layer)
+        return attention_softmax(q.float(), k.float(), layer.module.scale)
+    if layer.kind == 'linear':
+        q, k, _ = qkv_heads(layer)
+        q, k = F.elu(q.float()) + 1., F.elu(k.float()) + 1.
+        kern = q @ k.transpose(-2, -1)
+        return kern / (kern.sum(-1, keepdim=True) + float(getattr(layer.module, 'eps', 0.)))
     a = extraction_matrix(layer).float()
     return a.transpose(-2, -1) @ a
 
 
 def query_attention(layer: LayerTrace, index: int = 0) -> torch.Tensor:
     """Row ``index`` of the full attention, (B, H, N), without forming the N×N matrix for CBSA layers."""
-    if layer.kind == 'softmax':
-        return _softmax_attention(layer)[:, :, index, :]
+    if layer.kind not in ('representative', 'extraction'):
+        return full_attention(layer)[:, :, index, :]
     a = extraction_matrix(layer).float()                       # (B, H, m, N)
     return (a[..., index].unsqueeze(-2) @ a).squeeze(-2)       # Σ_i A[i, index] A[i, :]
 
