@@ -246,7 +246,11 @@ class MSSA(_ProjectedAttention):
             wf = w.float() if w.dtype == torch.float16 else w          # fp16 logits can overflow
             attn = (wf * self.scale) @ wf.transpose(-2, -1)
             attn = maybe_add_mask(attn, resolve_self_attn_mask(w.shape[2], attn, attn_mask, is_causal))
-            attn = self.attn_drop(attn.softmax(dim=-1, dtype=torch.float32).to(w.dtype))
+            if w.dtype in (torch.float16, torch.bfloat16):               # float32 softmax statistics
+                attn = attn.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
+            else:
+                attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
             y = attn @ w
         return self.output(y)
 
