@@ -31,8 +31,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     with np.errstate(divide='ignore', invalid='ignore'):
         between = (mu_t * w0 - mu0) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = -1
-    k = int(np.argmax(between[:-1]))
-    return float(edges[k + 1])
+    b = between[:-1]
+    best = np.flatnonzero(b >= b.max() - 1e-12 * abs(b.max()))
+    # a flat optimum (empty bins between two modes): take the middle of the plateau
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
 def upsample_map(m: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
