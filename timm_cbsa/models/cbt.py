@@ -7,8 +7,9 @@ embedding and a LayerNorm + Linear head on the class token. Parameter counts at 
 CBT-S 6,667,048, CBT-B 25,691,752, CBT-L 83,051,368.
 
 The released checkpoints (``cbt_*_best.pth.tar``) load through timm's pretrained path
-(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``; both switch on
-``legacy_pool`` so the released pooling is reproduced exactly.
+(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``. A checkpoint in the
+released key layout switches ``legacy_pool`` on (the released pooling, reproduced exactly); weights saved by timm
+(our key names) load as they are, so pass ``legacy_pool=True`` yourself when re-saving fine-tuned released weights.
 """
 import math
 import re
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.cbsa import CBSA
@@ -174,20 +176,26 @@ def _check_against(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Non
 def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``.
 
-    Resamples the position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming
+    A checkpoint in the released key layout also switches the model's CBSA layers to ``legacy_pool=True``. Resamples the position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming
     missing / unexpected / mis-shaped keys.
     """
     state_dict = _unwrap(checkpoint)
     out = {}
+    released_layout = False
     for k, v in state_dict.items():
         if k.startswith('module.'):
             k = k[len('module.'):]
+        released_layout |= k.startswith('transformer.layers.')
         for pattern, repl in _OFFICIAL_KEY_RULES:
             new_k, n = re.subn(pattern, repl, k)
             if n:
                 k = new_k
                 break
         out[k] = v
+    if released_layout:
+        # weights trained by the released code only make sense with its pooling (class token pooled, last patch
+        # dropped), so a checkpoint in the released key layout switches legacy pooling on
+        configure_cbsa(model, legacy_pool=True)
     pos = out.get('pos_embed')
     if pos is not None and pos.shape != model.pos_embed.shape and pos.ndim == 3:
         old_n = pos.shape[1] - model.num_prefix_tokens
@@ -222,8 +230,13 @@ default_cfgs = generate_default_cfgs({
 
 def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     cbsa_kwargs = pop_cbsa_kwargs(kwargs)
-    # the released checkpoints were trained with the released (legacy) pooling
-    cbsa_kwargs.setdefault('legacy_pool', bool(pretrained))
+    if pretrained:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.file or cfg.state_dict or cfg.url or cfg.hf_hub_id):
+            raise RuntimeError(
+                f'{variant}: the released CBT weights cannot be downloaded by timm. Download cbt_*_best.pth.tar from '
+                f'the authors and pass it: timm.create_model("{variant}", pretrained=True, '
+                f'pretrained_cfg_overlay=dict(file=PATH)) or timm_cbsa.load_official_cbt(PATH).')
     out_indices = kwargs.pop('out_indices', 3)
     size = variant.split('_')[1]
     model_args = dict(
@@ -270,7 +283,8 @@ def load_official_cbt(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> VisionTransformer:
-    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on.
+    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on
+    (unless ``legacy_pool=False`` is passed).
 
     ``variant`` (cbt_tiny/small/base/large) is inferred from the checkpoint's width and depth when omitted.
     """
@@ -288,8 +302,10 @@ def load_official_cbt(
     if num_classes is None:
         head_w = state_dict.get('mlp_head.1.weight', state_dict.get('head.weight'))
         num_classes = head_w.shape[0] if head_w is not None else 1000
-    kwargs.setdefault('legacy_pool', True)
+    legacy_pool = kwargs.pop('legacy_pool', None)
     from timm import create_model
     model = create_model(variant, num_classes=num_classes, **kwargs)
-    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)
+    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)  # switches legacy pooling on
+    if legacy_pool is not None:  # an explicit choice wins
+        configure_cbsa(model, legacy_pool=legacy_pool)
     return model
