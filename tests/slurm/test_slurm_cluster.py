@@ -36,14 +36,23 @@ def _sacct_state(job_id: str) -> str:
     return out.splitlines()[0] if out else ""
 
 
-def _wait_for(cond, timeout: float, what: str, poll: float = 0.5):
+def _cluster_diag() -> str:
+    out = []
+    for cmd in (["squeue", "-o", "%i %T %r %N"], ["sinfo", "-N", "-o", "%N %T %E"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        out.append(f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+    return "\n".join(out)
+
+
+def _wait_for(cond, timeout: float, what: str, poll: float = 0.5, folder: Path = None):
     t0 = time.time()
     while True:
         v = cond()
         if v:
             return v
         if time.time() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{_cluster_diag()}\n"
+                                 + (_log_tail(folder) if folder is not None else ""))
         time.sleep(poll)
 
 
@@ -128,7 +137,8 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, in_repo_root, tmp_path, 
     t0 = time.time()
     job = launch.submit(argv)
     folder = Path(str(job.paths.folder).replace("%j", str(job.job_id)))
-    _wait_for(lambda: _latest_ckpt_step(folder) >= 4, 240, f"a checkpoint at step >= 4 in {folder}")
+    _wait_for(lambda: _latest_ckpt_step(folder) >= 4, 180, f"a checkpoint at step >= 4 in {folder}",
+              folder=folder)
     t_req = time.time()
     if how == "scontrol_requeue":
         subprocess.run(["scontrol", "requeue", str(job.job_id)], check=True, capture_output=True, text=True)
