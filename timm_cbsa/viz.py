@@ -70,6 +70,9 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
 
 
 def _input_size(model) -> tuple:
+    img_size = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if img_size is not None:
+        return int(img_size[0]), int(img_size[1])
     size = model.pretrained_cfg.get('input_size', (3, 224, 224))
     return int(size[1]), int(size[2])
 
