@@ -9,7 +9,10 @@ import timm
 from timm.layers import get_notrace_functions, get_notrace_modules, set_layer_config
 from torchvision.models.feature_extraction import create_feature_extractor
 
-MODELS = timm.list_models('cbsa*') + timm.list_models('cbt*')
+ALL_MODELS = timm.list_models('cbsa*') + timm.list_models('cbt*')
+# the *_patch16_224 names are aliases of the short names: full contract on the 8 architectures, identity for aliases
+ALIASES = [m for m in ALL_MODELS if m.endswith('_patch16_224')]
+MODELS = [m for m in ALL_MODELS if m not in ALIASES]
 IMG = 128
 
 
@@ -18,10 +21,20 @@ def _input(batch=2):
 
 
 def test_all_families_registered():
-    assert set(MODELS) == {
+    assert set(ALL_MODELS) == {
         'cbsa_vit_tiny', 'cbsa_vit_small', 'cbsa_vit_base', 'cbsa_vit_large',
         'cbsa_vit_tiny_patch16_224', 'cbsa_vit_small_patch16_224', 'cbsa_vit_base_patch16_224',
         'cbsa_vit_large_patch16_224', 'cbt_tiny', 'cbt_small', 'cbt_base', 'cbt_large'}
+
+
+@pytest.mark.parametrize('alias', ALIASES)
+def test_alias_is_the_same_architecture(alias):
+    short = alias.replace('_patch16_224', '')
+    with torch.device('meta'):
+        a, b = timm.create_model(alias), timm.create_model(short)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    assert a.pretrained_cfg['input_size'] == b.pretrained_cfg['input_size'] == (3, 224, 224)
+    assert a.blocks[0].attn.rep_grid == b.blocks[0].attn.rep_grid == (8, 8)
 
 
 @pytest.mark.parametrize('name', MODELS)
