@@ -32,14 +32,15 @@ def build_parser():
                    help="attn_layer names registered in timm's ATTN_LAYERS (import timm_cbsa registers them)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--max-train-samples", type=int, default=20000)
+    p.add_argument("--max-train-samples", type=int, default=10000)
     p.add_argument("--max-val-samples", type=int, default=10000)
     p.add_argument("--embed-dim", type=int, default=64)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--num-heads", type=int, default=2)
-    p.add_argument("--rep-grid", type=int, default=4, help="representatives grid for cbsa/agent (7x7 patches)")
+    p.add_argument("--patch-size", type=int, default=7, help="7 -> 4x4 tokens; 4 -> 7x7 tokens")
+    p.add_argument("--rep-grid", type=int, default=2, help="representatives grid for cbsa/agent")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--output", default="output/table4_fmnist")
     p.add_argument("--csv", default=None, help="CSV path (default OUTPUT/table4_fmnist.csv)")
@@ -79,13 +80,13 @@ def main(argv=None):
         return _report(args, rows, csv_path)
     for attn in args.attn:
         for seed in args.seeds:
-            kw = [f"attn_layer={attn}", "patch_size=4", f"embed_dim={args.embed_dim}", f"depth={args.depth}",
-                  f"num_heads={args.num_heads}", f"rep_grid={args.rep_grid}"]
+            kw = [f"attn_layer={attn}", f"patch_size={args.patch_size}", "global_pool=avg", f"embed_dim={args.embed_dim}",
+                  f"depth={args.depth}", f"num_heads={args.num_heads}", f"rep_grid={args.rep_grid}"]
             argv_t = ["--dataset", "fashion_mnist", "--model", "cbsa_vit_tiny", "--model-kwargs", *kw,
                       "--img-size", "28", "--in-chans", "1", "--epochs", str(args.epochs),
                       "--batch-size", str(args.batch_size), "--opt", "adamw", "--lr", str(args.lr),
                       "--weight-decay", "0.05", "--sched", "cosine", "--sched-on-updates", "--warmup-epochs", "0",
-                      "--min-lr", "1e-5", "--smoothing", "0.1", "--scale", "0.8", "1.0", "--ratio", "0.9", "1.1",
+                      "--min-lr", "1e-5", "--smoothing", "0", "--scale", "1", "1", "--ratio", "1", "1",
                       "--hflip", "0.5", "--color-jitter", "0", "--train-interpolation", "bilinear",
                       "--max-train-samples", str(args.max_train_samples),
                       "--max-val-samples", str(args.max_val_samples), "--seed", str(seed), "--workers", "0",
@@ -130,7 +131,8 @@ def _report(args, rows, csv_path):
         w.writerows(summary)
 
     print(f"\nFashion-MNIST, {args.max_train_samples} train / {args.max_val_samples} test images, {args.epochs} "
-          f"epochs, ViT d={args.embed_dim} depth={args.depth} heads={args.num_heads} patch 4 (7x7 tokens), "
+          f"epochs, ViT d={args.embed_dim} depth={args.depth} heads={args.num_heads} patch {args.patch_size} "
+          f"({28 // args.patch_size}x{28 // args.patch_size} tokens, avg pool), "
           f"rep_grid {args.rep_grid}; seeds {args.seeds}")
     print("(details: " + ", ".join(f"{k}={v}" for k, v in [("lr", args.lr), ("batch", args.batch_size)]) +
           (", extra " + " ".join(args.train_args) if args.train_args else "") + ")")

@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra create_model kwargs, e.g. attn_layer=cbsa rep_grid=4 depth=6")
     g.add_argument("--model-import", "--device-modules", dest="model_import", nargs="*", default=["timm_cbsa"],
                    help="modules imported before the model is created (registers models / attention layers)")
+    g.add_argument("--convert", default=None, metavar="VARIANT",
+                   help="ViT adaptation: after creating (and loading pretrained weights into) a timm ViT, swap its "
+                        "attention with timm_cbsa.convert(model, variant=VARIANT): cbsa_star | agent | cbsa | linear")
+    g.add_argument("--convert-rep-grid", type=int, default=None, help="rep_grid for --convert (default 8)")
     g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth rate")
     g.add_argument("--torchcompile", nargs="?", const="inductor", default=None, help="torch.compile backend")
@@ -311,6 +315,15 @@ def create_model(args, num_classes: int, in_chans: int):
         raise
     except TypeError as e:
         raise ConfigError(f"Model '{name}' rejected the arguments {kwargs}: {e}") from e
+    if args.convert:
+        try:
+            from timm_cbsa import convert
+        except ImportError as e:
+            raise ConfigError(f"--convert needs timm_cbsa.convert ({e})") from e
+        try:
+            model = convert(model, variant=args.convert, rep_grid=args.convert_rep_grid)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"--convert {args.convert}: {e}") from e
     if args.initial_checkpoint:
         ckpt = load_checkpoint_file(args.initial_checkpoint)
         _load_model_state(model, ckpt["state_dict"], args.initial_checkpoint, name)

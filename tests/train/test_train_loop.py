@@ -140,3 +140,21 @@ def test_imagefolder_tree_trains(tmp_path):
     assert res["step"] == 6 and 0.0 <= res["top1"] <= 100.0
     ck = load_checkpoint_file(str(tmp_path / "out" / "last.pth.tar"))
     assert ck["state_dict"]["head.weight"].shape[0] == 2  # num_classes inferred from the folder
+
+
+def test_vit_adaptation_from_local_pretrained_file(tmp_path):
+    import timm
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    src = timm.create_model("vit_tiny_patch16_224", num_classes=1000, in_chans=1, **kw)
+    torch.save(src.state_dict(), tmp_path / "vit.pth")
+    res = main(["--dataset", "synthetic", "--img-size", "16", "--num-classes", "4", "--model", "vit_tiny_patch16_224",
+                "--model-kwargs", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2",
+                "--pretrained", "--pretrained-path", str(tmp_path / "vit.pth"), "--convert", "cbsa_star",
+                "--convert-rep-grid", "2", "--batch-size", "16", "--max-train-samples", "64", "--max-val-samples",
+                "32", "--epochs", "1", "--opt", "adamw", "--lr", "5e-5", "--weight-decay", "0.01",
+                "--output", str(tmp_path / "o"), "--quiet", "--threads", "1"])
+    assert res["step"] == 4
+    sd = load_checkpoint_file(str(tmp_path / "o" / "last.pth.tar"))["state_dict"]
+    # pretrained patch embedding kept (fine-tuned a little), the attention is CBSA* now (new step-size params)
+    assert torch.allclose(sd["patch_embed.proj.weight"], src.state_dict()["patch_embed.proj.weight"], atol=1e-2)
+    assert set(sd) != set(src.state_dict())
