@@ -308,3 +308,21 @@ def test_pooled_layers_refuse_masks_and_missing_grid():
         layer(x, is_causal=True)
     with pytest.raises(ValueError, match="broadcast"):
         CBSAStar(16, num_heads=2, broadcast='nope')
+
+
+@pytest.mark.parametrize('name', ['cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear'])
+def test_fx_trace_and_torchscript_in_a_vit(name):
+    """timm's FX feature extraction and TorchScript (set_scriptable) both work and give the eager outputs."""
+    import timm
+    from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(13)
+    x = torch.randn(1, 3, 128, 128)
+    model = timm.create_model('vit_tiny_patch16_224', depth=1, img_size=128, attn_layer=name).eval()
+    fx = create_feature_extractor(model, {'blocks.0': 'out'}, tracer_kwargs={
+        'leaf_modules': list(get_notrace_modules()), 'autowrap_functions': list(get_notrace_functions())})
+    with torch.no_grad():
+        assert torch.equal(fx(x)['out'], model.blocks(model._pos_embed(model.patch_embed(x))))
+        with timm.layers.set_scriptable(True):
+            m2 = timm.create_model('vit_tiny_patch16_224', depth=1, img_size=128, attn_layer=name).eval()
+        torch.testing.assert_close(torch.jit.script(m2)(x), m2(x), rtol=1e-5, atol=1e-5)

@@ -52,6 +52,7 @@ from torch.jit import Final
 from timm.layers import use_fused_attn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+from ._fx import register_notrace_function
 from .backends import resolve_backend
 from .cbsa import attention_weights, check_no_mask, check_token_layout
 from .layout import GridAwareAttention
@@ -147,6 +148,17 @@ def agent_broadcast(q: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Ten
     return attention_weights(q, r, scale)
 
 
+@register_notrace_function
+def float32_if_half(t: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 → float32 for reductions over tokens; other dtypes unchanged (FX: a leaf call)."""
+    if t.dtype == torch.float16 or t.dtype == torch.bfloat16:
+        return t.float()
+    return t
+
+
+torch.fx.wrap('float32_if_half')
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,6 +175,7 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
 
 class _ProjectedAttention(nn.Module):
     """Shared constructor: timm's ``Attention`` signature, one (q = k = v) or three projections, output proj."""
+    shared_qkv: Final[bool]
 
     def __init__(
             self,
@@ -193,11 +206,13 @@ class _ProjectedAttention(nn.Module):
             self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)
             self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
             self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()   # unused (parameter-free; TorchScript)
         else:            # timm naming: qkv (3C × C), q_norm / k_norm, norm = scale_norm
             self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
             self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
             self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
             self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+            self.norm_out = nn.Identity()                                # unused (parameter-free; TorchScript)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -277,7 +292,7 @@ class TSSA(_ProjectedAttention):
                 is_causal: bool = False) -> torch.Tensor:
         check_no_mask(attn_mask, is_causal)
         w, _, _ = self.project(x)                                  # (B, H, N, d)
-        wf = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+        wf = float32_if_half(w)
         energy = F.normalize(wf, dim=-2).pow(2).sum(-1)            # (B, H, N)
         pi = (energy * self.temp.to(wf.dtype)).softmax(dim=1)      # membership of each token over the heads
         pi_hat = pi / (pi.sum(dim=-1, keepdim=True) + 1e-8)
@@ -311,8 +326,7 @@ class LinearAttention(_ProjectedAttention):
         check_no_mask(attn_mask, is_causal)
         q, k, v = self.project(x)
         dtype = v.dtype
-        if dtype in (torch.float16, torch.bfloat16):
-            q, k, v = q.float(), k.float(), v.float()
+        q, k, v = float32_if_half(q), float32_if_half(k), float32_if_half(v)
         q, k = F.elu(q) + 1., F.elu(k) + 1.
         kv = k.transpose(-2, -1) @ v                               # (B, H, d, d)
         z = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)      # (B, H, N, 1)
@@ -474,7 +488,7 @@ class CBSAStar(_RepresentativeAttention):
         else:
             attn = self.attn_drop(extraction(r0, k, self.scale))   # (B, H, m, N)
             r = r0 + self.step_rep * (attn @ v)
-            c = contract(r, 'softmax', scale=self.scale)
+            c = attention_weights(r, r, self.scale) @ r               # contraction, eq. (8)
             if self.broadcast == 'softmax':
                 y = agent_broadcast(q, r, self.scale) @ c
             else:
