@@ -1,6 +1,9 @@
 """timm_cbsa: Contract-and-Broadcast Self-Attention for timm.
 
 ``import timm_cbsa`` registers the ``cbsa_vit_*`` and ``cbt_*`` models and the ``attn_layer='cbsa'`` string.
+It also registers the family strings 'cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear' (layers/family.py)
+and exposes ``convert(model, variant=...)`` for loaded timm ViTs (convert.py). Load hub / local-dir exports of these
+models only after ``import timm_cbsa``.
 """
 from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 
