@@ -49,7 +49,10 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
     """timm model by name (random init, seeded), optionally loaded from a checkpoint file."""
     import timm
     import timm_cbsa
-    torch.manual_seed(seed)
+    if not checkpoint:
+        with torch.random.fork_rng(devices=[]):     # seeded init without touching the caller's global RNG
+            torch.manual_seed(seed)
+            return timm.create_model(name, **kwargs).eval()
     if checkpoint:
         state = torch.load(checkpoint, map_location='cpu', weights_only=False)
         sd = state
@@ -66,7 +69,6 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
         sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
         model.load_state_dict(sd, strict=True)
         return model.eval()
-    return timm.create_model(name, **kwargs).eval()
 
 
 def _input_size(model) -> tuple:
@@ -218,14 +220,14 @@ def parse_args(argv=None):
 def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    torch.set_grad_enabled(False)
-    model = build_model(args.model, args.checkpoint, args.seed, **_parse_kwargs(args.model_kwargs))
-    if args.checkpoint is None:
-        print(f'note: {args.model} is randomly initialised (seed {args.seed}); pass --checkpoint for trained weights',
-              file=sys.stderr)
-    summary = {}
-    for name in (list(COMMANDS) if args.command == 'all' else [args.command]):
-        summary.update(COMMANDS[name](model, args, args.out))
+    with torch.no_grad():   # a context, not torch.set_grad_enabled(False): main() may run inside another program
+        model = build_model(args.model, args.checkpoint, args.seed, **_parse_kwargs(args.model_kwargs))
+        if args.checkpoint is None:
+            print(f'note: {args.model} is randomly initialised (seed {args.seed}); pass --checkpoint for trained '
+                  'weights', file=sys.stderr)
+        summary = {}
+        for name in (list(COMMANDS) if args.command == 'all' else [args.command]):
+            summary.update(COMMANDS[name](model, args, args.out))
     files = sorted(f for f in os.listdir(args.out) if f.endswith(('.png', '.csv')))
     print(f'wrote {len(files)} files to {args.out}: ' + ', '.join(files))
     return summary
