@@ -247,13 +247,18 @@ def _mix_forward(q: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Ten
     return p, torch.matmul(p, q)
 
 
-def _blocks(B: int, H: int, N: int, m: int, device: torch.device) -> List[Tuple[Optional[int], slice]]:
-    """CPU: one batch element and a group of heads at a time (m×N logits stay in cache, 3-D strided bmm without
-    layout copies). Elsewhere, or under torch.compile: one batched block."""
-    if device.type != 'cpu' or torch.compiler.is_compiling():
-        return [(None, slice(0, H))]
-    hc = max(1, min(H, _BLOCK_BYTES // max(1, m * N * 4)))
-    return [(b, slice(h, min(H, h + hc))) for b in range(B) for h in range(0, H, hc)]
+def _blocks(B: int, H: int, N: int, m: int, device: torch.device) -> List[Tuple[tuple, bool]]:
+    """Index blocks ``(idx, batched)`` over (B, H). CPU: blocks whose m×N logits fit ``_BLOCK_BYTES`` (they stay in
+    cache while reused); one batch element per block uses 3-D strided bmm without layout copies, several (small N)
+    use batched 4-D products. Elsewhere, or under torch.compile: one batched block."""
+    per_head = max(1, m * N * 4)
+    if device.type != 'cpu' or torch.compiler.is_compiling() or B * H * per_head <= _BLOCK_BYTES:
+        return [((slice(None), slice(None)), True)]
+    if H * per_head * 2 <= _BLOCK_BYTES:
+        nb = max(1, _BLOCK_BYTES // (H * per_head))
+        return [((slice(b, min(B, b + nb)), slice(None)), True) for b in range(0, B, nb)]
+    hc = max(1, min(H, _BLOCK_BYTES // per_head))
+    return [((b, slice(h, min(H, h + hc))), False) for b in range(B) for h in range(0, H, hc)]
 
 
 def _like_w(w: torch.Tensor) -> torch.Tensor:
@@ -278,15 +283,15 @@ class _ContractBroadcast(torch.autograd.Function):
         kap = step_x.to(sd)
         r_s = r * scale
         blocks = _blocks(B, H, N, m, w.device)
-        single = len(blocks) == 1 and blocks[0][0] is None
-        out = None if single else _like_w(w)
+        whole = len(blocks) == 1
+        out = None if whole else _like_w(w)
         lse = torch.empty(B, H, m, device=w.device, dtype=sd)
         z = torch.empty(B, H, m, d, device=w.device, dtype=sd)
         q = torch.empty_like(z)
         p = torch.empty(B, H, m, m, device=w.device, dtype=sd)
         c = torch.empty_like(z)
-        for b, hs in blocks:
-            idx = (slice(None), hs) if b is None else (b, hs)
+        for idx, batched in blocks:
+            hs = idx[1]
             wb, rb, rsb = w[idx], r[idx], r_s[idx]
             etab, kapb = (eta[hs], kap[hs])
             if lse_impl == 'fused':
@@ -310,8 +315,10 @@ class _ContractBroadcast(torch.autograd.Function):
             ck = kapb * cb if inv is None else kapb * cb * inv         # κ·C (and 1/Σ for the unnormalised rows)
             lse[idx] = lse_b.squeeze(-1)
             z[idx], q[idx], p[idx], c[idx] = zb, qb, pb, cb
-            if single:
+            if whole:
                 out = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
+            elif batched:
+                out[idx] = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
             else:
                 torch.bmm(e_dt.transpose(-2, -1), ck.to(dt), out=out[idx])
         ctx.save_for_backward(w, r, step_rep, step_x, lse, z, q, p, c)
@@ -330,20 +337,23 @@ class _ContractBroadcast(torch.autograd.Function):
         kap = step_x.to(sd)
         r_s = r * scale
         blocks = _blocks(B, H, N, m, w.device)
-        single = len(blocks) == 1 and blocks[0][0] is None
-        dw = None if single else _like_w(w)
+        whole = len(blocks) == 1
+        dw = None if whole else _like_w(w)
         dr = torch.empty(r.shape, device=r.device, dtype=r.dtype)
         deta = torch.zeros(H, device=w.device, dtype=sd)
         dkap = torch.zeros(H, device=w.device, dtype=sd)
-        for b, hs in blocks:
-            idx = (slice(None), hs) if b is None else (b, hs)
+        for idx, batched in blocks:
+            hs = idx[1]
             wb, rsb, gb = w[idx], r_s[idx], grad[idx]
             etab, kapb = eta[hs], kap[hs]
             zb, qb, pb, cb = z[idx], q[idx], p[idx], c[idx]
             a = _logits(rsb, wb).sub_(lse[idx].unsqueeze(-1)).exp_()      # A, float32 (…, m, N)
             a_dt = a if dt == sd else a.to(dt)
-            ag = torch.matmul(a_dt, gb).to(sd)                           # A G (…, m, d)
-            red = (0, 2, 3) if b is None else (1, 2)
+            if dt != sd and wb.device.type == 'cpu':
+                ag = torch.matmul(a, gb.to(sd))       # A G in float32: ∂κ = Σ C⊙AG cancels, bf16 rounding shows
+            else:
+                ag = torch.matmul(a_dt, gb).to(sd)                       # A G (…, m, d)
+            red = (0, 2, 3) if batched else (1, 2)
             dkap[hs] += (cb * ag).sum(red)
             dcu = kapb * ag                                               # ∂C
             dp = torch.matmul(dcu, qb.transpose(-2, -1))
@@ -357,14 +367,18 @@ class _ContractBroadcast(torch.autograd.Function):
             da = torch.matmul(ck.to(dt), gb.transpose(-2, -1))
             dz_dt = dz.to(dt)
             if dt == sd:
-                da = da.baddbmm_(dz_dt, wb.transpose(-2, -1)) if b is not None else da + torch.matmul(dz_dt, wb.transpose(-2, -1))
+                da = da.baddbmm_(dz_dt, wb.transpose(-2, -1)) if not batched else da + torch.matmul(dz_dt, wb.transpose(-2, -1))
                 ds = da.sub_(dd).mul_(a)                                  # ∂S (…, m, N)
             else:
                 da = da.to(sd) + torch.matmul(dz_dt, wb.transpose(-2, -1)).to(sd)
                 ds = da.sub_(dd).mul_(a).to(dt)
             dr[idx] = (dq + scale * torch.matmul(ds, wb).to(sd)).to(dr.dtype)
-            if single:
-                dw = torch.matmul(a_dt.transpose(-2, -1), dz_dt) + scale * torch.matmul(ds.transpose(-2, -1), r[idx])
+            if batched:
+                dwb = torch.matmul(a_dt.transpose(-2, -1), dz_dt) + scale * torch.matmul(ds.transpose(-2, -1), r[idx])
+                if whole:
+                    dw = dwb
+                else:
+                    dw[idx] = dwb
             else:
                 dwb = dw[idx]
                 torch.bmm(a_dt.transpose(-2, -1), dz_dt, out=dwb)
