@@ -95,13 +95,18 @@ def slurm_cluster():
         r = None
     _TIMINGS["cluster start (config + daemons + nodes idle)"] = f"{time.time() - t0:.1f}s"
     if r is None or r.returncode != 0:
-        log = r.stderr[-3000:] if r is not None else "timed out"
+        log = "timed out"
+        if r is not None:
+            errors = [ln for ln in r.stderr.splitlines() if "ERROR" in ln]
+            log = "\n".join(errors + ["--- local_cluster.sh output:", r.stderr[-3000:]])
         tails = []
-        for name in ("slurmctld.log", "slurmdbd.log", "slurmd-node1.log"):
+        for name in ("slurmctld.log", "slurmdbd.log", "slurmd-node1.log", "mariadbd.err"):
             p = Path(base, "log", name)
             if p.exists():
                 tails.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]))
         _run_script("stop", base, timeout=120)
+        if not os.environ.get("CBSA_SLURM_KEEP"):
+            shutil.rmtree(base, ignore_errors=True)
         _unavailable(f"cluster start failed:\n{log}\n" + "\n".join(tails))
     old_conf = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = os.path.join(base, "etc", "slurm.conf")

@@ -220,6 +220,7 @@ start_mariadb() {
         --pid-file="$db/run/mysqld.pid" --bind-address=127.0.0.1 --port="$port" --skip-name-resolve \
         --innodb-buffer-pool-size=64M --log-error="$DIR/log/mariadbd.err" \
         > "$DIR/log/mariadbd.out" 2>&1 < /dev/null &
+    record mariadbd $! /usr/sbin/mariadbd   # setsid execs in place: $! is mariadbd (pid file confirms below)
     wait_for mariadb mariadb-admin --no-defaults --socket="$db/run/mysqld.sock" ping
     wait_for "mariadbd pid file" test -s "$db/run/mysqld.pid"
     record mariadbd "$(cat "$db/run/mysqld.pid")" /usr/sbin/mariadbd
@@ -233,6 +234,7 @@ start_mariadb() {
 start_slurm_daemon() {  # name pidfile binary args...  (foreground -D, detached with setsid)
     local name=$1 pidfile=$2 bin=$3; shift 3
     SLURM_CONF="$DIR/etc/slurm.conf" setsid "$bin" -D "$@" > "$DIR/log/$name.out" 2>&1 < /dev/null &
+    record "$name" $! "$bin"
     wait_for "$name pid file" test -s "$pidfile"
     record "$name" "$(cat "$pidfile")" "$bin"
     log "$name pid $(cat "$pidfile")"
@@ -242,6 +244,16 @@ all_nodes_idle() {
     local got
     got=$(sinfo -h -N -p "$PARTITION" -o '%N %T' 2>/dev/null | awk '$2=="idle"' | wc -l)
     [ "$got" -ge "$NODES" ]
+}
+
+on_start_exit() {  # a failed start stops whatever it already started (by recorded PID)
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        [ -s "$DIR/munge/munged.pid" ] && ! [ -f "$DIR/pids/munged.pid" ] &&
+            record munged "$(cat "$DIR/munge/munged.pid")" /usr/sbin/munged
+        log "start failed (rc $rc): stopping what was started"
+        do_stop || true
+    fi
 }
 
 do_start() {
@@ -255,6 +267,7 @@ do_start() {
     chmod 755 "$DIR"
     mkdir -p "$DIR/etc" "$DIR/state" "$DIR/log" "$DIR/run" "$DIR/pids"
     for n in $(node_names); do mkdir -p "$DIR/spool/$n"; done
+    trap on_start_exit EXIT
     write_conf
     export SLURM_CONF="$DIR/etc/slurm.conf"
     ensure_hostname
@@ -268,6 +281,7 @@ do_start() {
     wait_for "$NODES idle node(s)" all_nodes_idle
     wait_for "cluster registered in slurmdbd" bash -c "sacctmgr -n -P show cluster format=cluster | grep -qx $CLUSTER"
     sinfo -N >&2
+    trap - EXIT
     log "cluster ready in $((SECONDS - t0))s (SLURM_CONF=$SLURM_CONF)"
 }
 
@@ -278,9 +292,9 @@ stray_job_pids() {  # job processes of THIS cluster: slurmstepd and tasks carry 
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
         [ "$p" = $$ ] && continue
-        env=$(tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null) || continue
+        env=$( { tr '\0' '\n' < "/proc/$p/environ"; } 2>/dev/null ) || continue
         grep -qx "SLURM_CONF=$DIR/etc/slurm.conf" <<< "$env" || continue
-        if grep -q '^SLURM_JOB_ID=' <<< "$env" || tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q '^slurmstepd'; then
+        if grep -q '^SLURM_JOB_ID=' <<< "$env" || { tr '\0' ' ' < "/proc/$p/cmdline"; } 2>/dev/null | grep -q '^slurmstepd'; then
             echo "$p"
         fi
     done
