@@ -92,6 +92,11 @@ def _trace(model, images: List[np.ndarray], size=None):
     return trace_model(model, x)
 
 
+def _name(args) -> str:
+    """Model name for figure titles, marked when the weights are random."""
+    return args.model + ('' if args.checkpoint else ' (random init)')
+
+
 def _layers(spec: Optional[str], depth: int) -> List[int]:
     if not spec:
         return sorted({0, depth // 2, depth - 1})
@@ -112,12 +117,12 @@ def cmd_attention(model, args, out: str) -> Dict[str, object]:
         layers = _layers(args.layers, maps.shape[0])
         tag = os.path.splitext(os.path.basename(name))[0]
         p = plot_class_token_maps(img, maps, layers, os.path.join(out, f'attention_{tag}.png'),
-                                  title=f'{args.model}: class-token attention ({trace.layers[0].kind}), {tag}')
+                                  title=f'{_name(args)}: class-token attention ({trace.layers[0].kind}), {tag}')
         summary[f'attention_{tag}.png'] = p
         for l in layers:
             full = full_attention(trace.layers[l])[0]
             plot_full_attention(full, os.path.join(out, f'full_attention_{tag}_layer{l}.png'),
-                                title=f'{args.model} layer {l}: ' + ('A·Aᵀ' if trace.layers[l].kind != 'softmax'
+                                title=f'{_name(args)} layer {l}: ' + ('A·Aᵀ' if trace.layers[l].kind != 'softmax'
                                                                        else 'softmax attention'))
         for l in range(maps.shape[0]):
             for h in range(maps.shape[1]):
@@ -139,7 +144,7 @@ def cmd_coding_rate(model, args, out: str) -> Dict[str, object]:
     rows = layer_coding_rates(trace)
     write_csv(rows, os.path.join(out, 'coding_rate.csv'), LAYER_COLUMNS)
     plot_coding_rate(rows, os.path.join(out, 'coding_rate.png'),
-                     title=f'{args.model}: coding rate per layer ({len(images)} photos)')
+                     title=f'{_name(args)}: coding rate per layer ({len(images)} photos)')
     print('layer  R(Z)      Rc        ISTA zero frac')
     for r in rows:
         print(f"{r['layer']:>5}  {r['R_Z']:8.2f}  {r['Rc']:8.2f}  {r['ista_zero_frac']:.3f}")
@@ -148,7 +153,7 @@ def cmd_coding_rate(model, args, out: str) -> Dict[str, object]:
     if steps:
         write_csv(steps, os.path.join(out, 'cbsa_step.csv'), STEP_COLUMNS)
         plot_step_rates(steps, os.path.join(out, 'cbsa_step.png'),
-                        title=f'{args.model}: coding-rate change across one CBSA step (eq. 8, κ = 1)')
+                        title=f'{_name(args)}: coding-rate change across one CBSA step (eq. 8, κ = 1)')
         one = [s for s in steps if s['kappa_mode'] == 'one']
         ex = [s['dR_reps_exact_step'] for s in one]
         same = np.mean([np.sign(s['dR_tokens']) == np.sign(s['dR_reps']) for s in one])
@@ -179,7 +184,7 @@ def cmd_zeroshot(model, args, out: str) -> Dict[str, object]:
     m = norm.mean(0) if best['head'] == 'mean' else per[int(best['head'])]
     heat = upsample_map(m, gt.shape)
     plot_zeroshot(img, heat, map_to_mask(heat, args.threshold), os.path.join(out, 'zeroshot_voc.png'), gt=gt,
-                  title=f"{args.model} layer {l} head {best['head']}: IoU {best['iou_fg']:.2f}")
+                  title=f"{_name(args)} layer {l} head {best['head']}: IoU {best['iou_fg']:.2f}")
     layer = _layers(args.layers, maps.shape[0])[-1] if args.layers else maps.shape[0] - 1
     for name in args.image:
         photo = load_image(name)
@@ -189,7 +194,7 @@ def cmd_zeroshot(model, args, out: str) -> Dict[str, object]:
         heat = upsample_map(mp, photo.shape[:2])
         tag = os.path.splitext(os.path.basename(name))[0]
         plot_zeroshot(photo, heat, map_to_mask(heat, args.threshold), os.path.join(out, f'zeroshot_{tag}.png'),
-                      title=f'{args.model} layer {layer} (head mean), {tag}')
+                      title=f'{_name(args)} layer {layer} (head mean), {tag}')
     return {'voc_best_iou': best['iou_fg'], 'voc_best_layer': l, 'voc_best_head': best['head'],
             'voc_all_fg_iou': best['iou_all_fg']}
 
