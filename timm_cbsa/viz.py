@@ -209,6 +209,9 @@ def parse_args(argv=None):
     p.add_argument('command', choices=list(COMMANDS) + ['all'])
     p.add_argument('--model', default='cbt_tiny', help='timm model name (cbt_*, cbsa_vit_*, vit_*, ...)')
     p.add_argument('--checkpoint', default=None, help='weights: a released CBT checkpoint or a timm state dict')
+    p.add_argument('--convert', default=None, metavar='VARIANT',
+                   help="convert a softmax timm ViT after loading: cbsa_star, agent, cbsa or linear (timm_cbsa.convert)")
+    p.add_argument('--rep-grid', type=int, default=None, help='representative grid for --convert (default 8)')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='K=V',
                    help='extra create_model kwargs, JSON values (e.g. rep_grid=4 img_size=128)')
     p.add_argument('--image', nargs='+', default=['astronaut'],
@@ -227,6 +230,10 @@ def main(argv=None) -> Dict[str, object]:
     os.makedirs(args.out, exist_ok=True)
     with torch.no_grad():   # a context, not torch.set_grad_enabled(False): main() may run inside another program
         model = build_model(args.model, args.checkpoint, args.seed, **_parse_kwargs(args.model_kwargs))
+        if args.convert:
+            import timm_cbsa
+            model = timm_cbsa.convert(model, variant=args.convert, rep_grid=args.rep_grid).eval()
+            args.model = f'{args.model}->{args.convert}'
         if args.checkpoint is None:
             print(f'note: {args.model} is randomly initialised (seed {args.seed}); pass --checkpoint for trained '
                   'weights', file=sys.stderr)

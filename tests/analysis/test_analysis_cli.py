@@ -127,3 +127,19 @@ def test_checkpoint_roundtrip(tmp_path):
     loaded = viz.build_model('cbt_tiny', checkpoint=path, seed=0, img_size=64, rep_grid=4)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+@pytest.mark.parametrize('variant', ['cbsa_star', 'agent', 'cbsa', 'linear'])
+def test_converted_vit(tmp_path, variant):
+    import timm_cbsa
+    if not hasattr(timm_cbsa, 'convert'):
+        pytest.skip('timm_cbsa.convert not available in this checkout')
+    out = str(tmp_path / variant)
+    viz.main(['attention', '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'img_size=64', '--convert', variant,
+              '--rep-grid', '2', '--image', 'chelsea', '--layers', '0', '--out', out])
+    _assert_png(os.path.join(out, 'attention_chelsea.png'))
+    rows = _read(os.path.join(out, 'attention_maps.csv'))
+    assert len(rows) == 12 * 3
+    expected = {'cbsa_star': 'representative', 'agent': 'representative', 'cbsa': 'representative',
+                'linear': 'linear'}[variant]
+    assert {r['kind'] for r in rows} == {expected}
