@@ -119,7 +119,7 @@ def _report(args, rows, csv_path):
                             top1_std=round(statistics.stdev(t1), 2) if len(t1) > 1 else 0.0,
                             top5_mean=round(statistics.mean(t5), 2), seeds=len(t1),
                             per_seed=" ".join(f"{v:.2f}" for v in t1)))
-    if not args.summarize:
+    if not args.summarize or os.path.abspath(csv_path) not in map(os.path.abspath, args.summarize):
         with open(csv_path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
             w.writeheader()

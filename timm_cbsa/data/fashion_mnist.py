@@ -49,7 +49,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _missing_msg(root: str, what: str) -> str:
-    msg = f"Fashion-MNIST: {what} in '{root}'."
+    msg = f"Fashion-MNIST: {what} ('{root}')."
     if os.path.abspath(root) == os.path.abspath(DEFAULT_FASHION_MNIST_DIR):
         msg += (f" Install the Debian package with: "
                 f"`apt-get install -y {FASHION_MNIST_APT_PACKAGE}` (as root), "
