@@ -30,10 +30,12 @@ __all__ = ['CBSA', 'attention_weights', 'similarity', 'softmax_fp32']
 
 @register_notrace_function
 def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(q·s) kᵀ. float16 inputs give float32 logits (fp16 products can overflow 65504). FX: a leaf call."""
+    """(q·s) kᵀ as softmax-ready logits: half-precision inputs give float32 logits (fp16 products can overflow
+    65504, so they are computed in float32; bf16 products are upcast). FX: a leaf call (it branches on dtype)."""
     if q.dtype == torch.float16:
         q, k = q.float(), k.float()
-    return (q * scale) @ k.transpose(-2, -1)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return logits.float() if logits.dtype == torch.bfloat16 else logits
 
 
 torch.fx.wrap('similarity')
@@ -214,7 +216,8 @@ class CBSA(GridAwareAttention):
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
         # 1. extraction: each representative attends over all N tokens
-        attn = attention_weights(r, w, self.scale)            # (B, H, m, N), rows sum to 1 over tokens
+        # (a traced `softmax` node, so timm's AttentionExtract finds A under its default name '*attn.softmax')
+        attn = similarity(r, w, self.scale).softmax(dim=-1).to(w.dtype)   # (B, H, m, N), rows sum to 1 over tokens
         attn = self.attn_drop(attn)
         r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
         # 2. contraction: self-attention among the representatives
