@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from timm_cbsa import use_backend
+
 import timm
 import timm_cbsa  # noqa: F401
 from timm.utils import AttentionExtract
@@ -78,17 +80,20 @@ def _photo(size=64):
 
 
 def test_matches_timm_attention_extract_hook(cbt):
+    # like timm's own Attention (TIMM_FUSED_ATTN=0), the matrix is only materialised on the eager path
     x = _photo()
     tr = trace_model(cbt, x)
-    got = AttentionExtract(cbt, method='hook')(x)        # default '*attn_drop' modules
+    with use_backend('eager'):
+        got = AttentionExtract(cbt, method='hook')(x)        # default '*attn_drop' modules
     assert list(got) == [f'blocks.{i}.attn.attn_drop' for i in range(12)]
     for i, layer in enumerate(tr.layers):
         assert layer.kind == 'representative'
         torch.testing.assert_close(extraction_matrix(layer), got[f'blocks.{i}.attn.attn_drop'], rtol=1e-5, atol=1e-6)
-    # the fx route: the attn_drop node carries the same matrix (timm's default fx name '*attn.softmax' only matches
-    # when the softmax is traced as its own node; CBSA keeps it inside a leaf function)
-    fx = AttentionExtract(cbt, method='fx', names=['*attn.attn_drop'])(x)
-    torch.testing.assert_close(fx['blocks.0.attn.attn_drop'], extraction_matrix(tr.layers[0]), rtol=1e-5, atol=1e-6)
+    # the fx route with timm's default names ('*attn.softmax'): the extraction softmax is a traced node
+    with use_backend('eager'):
+        fx = AttentionExtract(cbt, method='fx')(x)
+    assert list(fx) == [f'blocks.{i}.attn.softmax' for i in range(12)]
+    torch.testing.assert_close(fx['blocks.0.attn.softmax'], extraction_matrix(tr.layers[0]), rtol=1e-5, atol=1e-6)
 
 
 def test_full_attention_bookkeeping(cbt):

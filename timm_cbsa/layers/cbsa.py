@@ -134,7 +134,8 @@ class CBSA(GridAwareAttention):
         legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
         grid_size: static patch grid (H_p, W_p); normally set by the owning model (see ``layout.py``).
         num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p.
-        backend: None (global setting), 'eager', 'sdpa' or 'xformers'.
+        backend: None (global setting, default 'fused'), 'eager' (this file's reference math), 'fused', 'sdpa' or
+            'xformers' — see ``backends.py``.
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens (patches last).
     """
