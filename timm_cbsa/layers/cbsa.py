@@ -25,7 +25,7 @@ from ._fx import register_notrace_function
 from .layout import GridAwareAttention
 from .representatives import pool_representatives, to_grid
 
-__all__ = ['CBSA', 'attention_weights', 'similarity', 'softmax_fp32']
+__all__ = ['CBSA', 'attention_weights', 'similarity']
 
 
 @register_notrace_function
@@ -42,31 +42,10 @@ torch.fx.wrap('similarity')
 
 
 @register_notrace_function
-def softmax_fp32(logits: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Softmax over the last dim with at least float32 statistics, returned in ``dtype`` (default: logits')."""
-    out_dtype = logits.dtype if dtype is None else dtype
-    if logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return logits.softmax(dim=-1, dtype=torch.float32).to(out_dtype)
-    return logits.softmax(dim=-1).to(out_dtype)
-
-
-torch.fx.wrap('softmax_fp32')
-
-
-@register_notrace_function
 def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax over the last dim of (q·s) kᵀ, in q's dtype.
-
-    float16 inputs get float32 logits (fp16 products can overflow 65504); bfloat16 has float32's range, so only its
-    softmax statistics are float32. FX keeps this as one leaf call because it branches on dtype.
-    """
-    if q.dtype == torch.float16:
-        logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-    else:
-        logits = (q * scale) @ k.transpose(-2, -1)
-    if logits.dtype != q.dtype or q.dtype == torch.bfloat16:
-        return logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return logits.softmax(dim=-1)
+    """softmax over the last dim of (q·s) kᵀ, in q's dtype; half-precision logits and statistics are float32
+    (see ``similarity``). FX: a leaf call."""
+    return similarity(q, k, scale).softmax(dim=-1).to(q.dtype)
 
 
 torch.fx.wrap('attention_weights')
@@ -217,7 +196,8 @@ class CBSA(GridAwareAttention):
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
         # 1. extraction: each representative attends over all N tokens
-        # (a traced `softmax` node, so timm's AttentionExtract finds A under its default name '*attn.softmax')
+        # attention_weights written out, so the softmax is a traced node that timm's AttentionExtract finds by its
+        # default name '*attn.softmax'
         attn = similarity(r, w, self.scale).softmax(dim=-1).to(w.dtype)   # (B, H, m, N), rows sum to 1 over tokens
         attn = self.attn_drop(attn)
         r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
