@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,14 +56,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into a temp file in ``path``'s folder, fsync, ``os.replace``; the temp file is removed on error."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,22 +76,17 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     _fsync_dir(folder)
 
 
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_copy(src: str, dst: str) -> None:
-    folder = os.path.dirname(os.path.abspath(dst)) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dst) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(folder)
+    """Copy ``src`` to ``dst`` atomically (same protocol as ``atomic_torch_save``)."""
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+    _atomic_write(dst, copy)
 
 
 def clean_stale_tmp(folder: str) -> List[str]:
