@@ -11,9 +11,10 @@ import timm
 import torch
 
 import timm_cbsa  # noqa: F401  (registers the models)
-from timm_cbsa.layers import backends
-from timm_cbsa.layers.backends import (BACKENDS, _ContractBroadcast, fused_contract_and_broadcast, get_backend,
-                                       resolve_backend, set_backend, use_backend)
+from timm_cbsa.layers import backends, fused
+from timm_cbsa.layers.backends import (BACKENDS, fused_contract_and_broadcast, get_backend, resolve_backend,
+                                       set_backend, use_backend)
+from timm_cbsa.layers.fused import ContractBroadcast
 from timm_cbsa.layers.cbsa import CBSA
 
 FUSED = [b for b in BACKENDS if b != 'eager']
@@ -82,22 +83,36 @@ def test_gradcheck_float64(impl):
     kap = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
     impl_ = 'fused' if impl == 'explicit' else impl
     # 'explicit': the single batched block used on GPU and under torch.compile; else one head per block
-    old, backends._BLOCK_BYTES = backends._BLOCK_BYTES, (1 << 40) if impl == 'explicit' else 1
+    old, fused._BLOCK_BYTES = fused._BLOCK_BYTES, (1 << 40) if impl == 'explicit' else 1
     try:
-        assert torch.autograd.gradcheck(lambda *a: _ContractBroadcast.apply(*a, d ** -0.5, impl_), (w, r, eta, kap))
+        assert torch.autograd.gradcheck(lambda *a: ContractBroadcast.apply(*a, d ** -0.5, impl_), (w, r, eta, kap))
     finally:
-        backends._BLOCK_BYTES = old
+        fused._BLOCK_BYTES = old
 
 
-def test_head_blocking_matches_unblocked(monkeypatch):
-    """Tiny block budget: one head per block; must give the same numbers as the default blocking."""
+@pytest.mark.parametrize('budget', [1, 40_000])
+def test_blocking_matches_unblocked(monkeypatch, budget):
+    """Tiny block budgets (one head per block; several batch elements per block) give the default's numbers."""
     torch.manual_seed(0)
     layer = CBSA(48, 3, grid_size=(8, 8), rep_grid=4, num_prefix_tokens=1)
-    x = torch.randn(2, 65, 48)
+    x = torch.randn(5, 65, 48)
     ref = _run(layer, x, 'fused')
-    monkeypatch.setattr(backends, '_BLOCK_BYTES', 1)
+    monkeypatch.setattr(fused, '_BLOCK_BYTES', budget)
+    assert len(fused._blocks(5, 3, 65, 16, x.device)) > 1
     got = _run(layer, x, 'fused')
     assert max(_rel_errors(got, ref)) < 1e-6
+
+
+def test_autocast_bf16_matches_eager():
+    """Under CPU autocast (bf16 tokens, float32 parameters) the fused path, which turns autocast off inside and handles
+    precision itself, matches the eager path within bf16 tolerance and returns the same dtype."""
+    layer, x = _layer((6, 6), 4, 1)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        eager = _run(layer, x, 'eager')
+        got = _run(layer, x, 'fused')
+    assert got[0].dtype == eager[0].dtype
+    errs = _rel_errors(got, eager)
+    assert max(errs) <= 5e-2, errs
 
 
 def _saved_bytes(fn):
@@ -130,7 +145,7 @@ def test_saved_memory_not_above_flash_sdpa():
 
 def test_output_layout_makes_merge_free(monkeypatch):
     """On the blocked CPU path the result has W's (B, N, H, d) memory layout: merging heads is a view, not a copy."""
-    monkeypatch.setattr(backends, '_BLOCK_BYTES', 1)
+    monkeypatch.setattr(fused, '_BLOCK_BYTES', 1)
     B, H, N, d, m = 2, 3, 20, 8, 4
     w = torch.randn(B, N, H, d).transpose(1, 2)
     r = torch.randn(B, H, m, d)

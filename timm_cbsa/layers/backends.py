@@ -3,13 +3,14 @@
 Backends (``BACKENDS``):
 
 * ``'eager'``    the reference math in ``CBSA.contract_and_broadcast`` (plain autograd, keeps the m×N matrix A).
-* ``'fused'``    explicit extraction, but cache-blocked (one batch element / head group at a time, no layout copies)
-                 and memory-saving: a custom autograd function that keeps only W, Q_ini, the per-representative
-                 log-sum-exp and m×d / m×m tensors for backward and rebuilds A = exp(s·Q_ini Wᵀ − lse) blockwise.
+* ``'fused'``    one custom autograd function (``fused.py``): explicit extraction, cache-blocked on CPU (a few batch
+                 elements or one batch element's head group at a time) and memory-saving: it keeps only W, Q_ini,
+                 the per-representative log-sum-exp and m×d / m×m tensors for backward and rebuilds
+                 A = exp(s·Q_ini Wᵀ − lse) blockwise.
 * ``'sdpa'``     the extraction softmax(s·Q_ini Wᵀ) W is an ordinary attention with m queries and N keys: torch SDPA
                  (``_scaled_dot_product_flash_attention_for_cpu`` on CPU, flash / memory-efficient on CUDA)
                  returns it together with its log-sum-exp; the broadcast Aᵀ·Y is rebuilt as exp(s·W Q_iniᵀ − lse)·Y.
-                 Same memory-saving backward as 'fused'.
+                 Same memory-saving autograd function as 'fused'.
 * ``'xformers'`` as 'sdpa', with ``xformers.ops.fmha`` for the extraction ([B, M, H, K] layout). Probed once per
                  (device, dtype, head-dim class), cached; when it cannot run (CPU, missing package, unsupported
                  shape) it falls back to 'sdpa' and logs the reason once.
@@ -24,14 +25,7 @@ with timm's notrace list, because it branches on device and dtype). Under ``torc
 function is traced whole (no graph break); the per-block Python loop is replaced by one batched block, and the
 xformers probe is never run inside the compiled region (the cached answer is used, or 'sdpa' when none exists).
 
-Gradients of the memory-saving function (per head, A = softmax_N(s·R Wᵀ), Z = A W, Q = R + ηZ,
-P = softmax(s·Q Qᵀ), C = P Q, out = κ Aᵀ C, G = ∂L/∂out):
-
-    AG = A G;  ∂κ = Σ C⊙AG;  ∂C = κ AG
-    ∂Q = Pᵀ∂C + s(∂L Q + ∂Lᵀ Q),  ∂L = P ⊙ (∂C Qᵀ − rowsum(∂C Qᵀ ⊙ P))
-    ∂η = Σ ∂Q⊙Z;  ∂Z = η ∂Q;  ∂A = κ C Gᵀ + ∂Z Wᵀ
-    D = rowsum(∂A ⊙ A) = rowsum(κC ⊙ AG) + rowsum(∂Z ⊙ Z)            (no m×N reduction needed)
-    ∂S = A ⊙ (∂A − D);  ∂R = ∂Q + s ∂S W;  ∂W = Aᵀ ∂Z + s ∂Sᵀ R
+The gradients are written out in ``fused.py``.
 """
 import contextlib
 import logging
@@ -42,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ._fx import register_notrace_function
+from .fused import LSE_IMPLS, ContractBroadcast, block_budget_bytes
 
 __all__ = [
     'BACKENDS', 'set_backend', 'get_backend', 'use_backend', 'resolve_backend', 'fused_contract_and_broadcast',
@@ -60,14 +55,6 @@ def _check(name: str) -> str:
 
 
 _BACKEND = _check(os.environ.get('TIMM_CBSA_BACKEND', 'fused'))
-
-# size of one block's m×N logits on CPU: small enough to stay in cache while it is reused 3 (fwd) / 5 (bwd) times
-_BLOCK_BYTES = int(os.environ.get('TIMM_CBSA_BLOCK_BYTES', str(4 << 20)))
-
-
-def block_budget_bytes() -> int:
-    return _BLOCK_BYTES
-
 
 def set_backend(name: str) -> None:
     """Set the process-wide default CBSA backend."""
@@ -144,10 +131,11 @@ def _xformers_lse(q, k, v, scale: float):
 
 # probe cache: (kind, device type, dtype, head dim) -> chosen implementation name, or None when it cannot run
 _PROBES: Dict[Tuple[str, str, torch.dtype, int], Optional[str]] = {}
-_LSE_IMPLS = {
+_LSE_IMPLS = LSE_IMPLS    # shared with fused.py, which calls the chosen one
+_LSE_IMPLS.update({
     'explicit': _explicit_lse, 'cpu_flash': _sdpa_lse_cpu, 'cuda_flash': _sdpa_lse_cuda_flash,
     'cuda_efficient': _sdpa_lse_cuda_efficient, 'xformers': _xformers_lse,
-}
+})
 
 
 def _head_dim_class(d: int) -> int:
@@ -225,174 +213,12 @@ def xformers_status(device: torch.device, dtype: torch.dtype = torch.float16, d:
     return _probe('xformers', torch.device(device), dtype, d)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the memory-saving contract-and-broadcast
-# ---------------------------------------------------------------------------------------------------------------
-
-def _stat_dtype(dt: torch.dtype) -> torch.dtype:
-    """Softmax statistics and the small m×d / m×m tensors: float32, or float64 for float64 inputs (gradcheck)."""
-    return torch.float64 if dt == torch.float64 else torch.float32
-
-
-def _logits(r_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """s·R Wᵀ in statistics precision (float16 is promoted before the product, like the eager path)."""
-    sd = _stat_dtype(w.dtype)
-    if w.dtype == torch.float16:
-        return torch.matmul(r_s.to(sd), w.to(sd).transpose(-2, -1))
-    return torch.matmul(r_s, w.transpose(-2, -1)).to(sd)
-
-
-def _mix_forward(q: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """P = softmax(s·Q Qᵀ), C = P Q, both float32 (m×m and m×d: negligible cost)."""
-    p = torch.matmul(q * scale, q.transpose(-2, -1)).softmax(dim=-1)   # q is already in statistics precision
-    return p, torch.matmul(p, q)
-
-
-def _blocks(B: int, H: int, N: int, m: int, device: torch.device) -> List[Tuple[tuple, bool]]:
-    """Index blocks ``(idx, batched)`` over (B, H). CPU: blocks whose m×N logits fit ``_BLOCK_BYTES`` (they stay in
-    cache while reused); one batch element per block uses 3-D strided bmm without layout copies, several (small N)
-    use batched 4-D products. Elsewhere, or under torch.compile: one batched block."""
-    per_head = max(1, m * N * 4)
-    if device.type != 'cpu' or torch.compiler.is_compiling() or B * H * per_head <= _BLOCK_BYTES:
-        return [((slice(None), slice(None)), True)]
-    if H * per_head * 2 <= _BLOCK_BYTES:
-        nb = max(1, _BLOCK_BYTES // (H * per_head))
-        return [((slice(b, min(B, b + nb)), slice(None)), True) for b in range(0, B, nb)]
-    hc = max(1, min(H, _BLOCK_BYTES // per_head))
-    return [((b, slice(h, min(H, h + hc))), False) for b in range(B) for h in range(0, H, hc)]
-
-
-def _like_w(w: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H, N, d) tensor with w's memory layout ((B, N, H, d) when w is the usual transposed view), so
-    that the caller's transpose(1, 2).reshape(B, N, C) is free."""
-    if w.dim() == 4 and w.stride(1) < w.stride(2):
-        B, H, N, d = w.shape
-        return torch.empty(B, N, H, d, dtype=w.dtype, device=w.device).transpose(1, 2)
-    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
-
-
-class _ContractBroadcast(torch.autograd.Function):
-    """out = κ·Aᵀ C with A rebuilt from the log-sum-exp; saves W, Q_ini, lse and m×d / m×m tensors only."""
-
-    @staticmethod
-    def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str):
-        B, H, N, d = w.shape
-        m = r.shape[-2]
-        dt = w.dtype
-        sd = _stat_dtype(dt)
-        eta = step_rep.to(sd)
-        kap = step_x.to(sd)
-        r_s = r * scale
-        blocks = _blocks(B, H, N, m, w.device)
-        whole = len(blocks) == 1
-        out = None if whole else _like_w(w)
-        lse = torch.empty(B, H, m, device=w.device, dtype=sd)
-        z = torch.empty(B, H, m, d, device=w.device, dtype=sd)
-        q = torch.empty_like(z)
-        p = torch.empty(B, H, m, m, device=w.device, dtype=sd)
-        c = torch.empty_like(z)
-        for idx, batched in blocks:
-            hs = idx[1]
-            wb, rb, rsb = w[idx], r[idx], r_s[idx]
-            etab, kapb = (eta[hs], kap[hs])
-            if lse_impl == 'fused':
-                s = _logits(rsb, wb)                                   # (…, m, N) float32
-                mx = s.amax(dim=-1, keepdim=True)
-                e = s.sub_(mx).exp_()                                  # unnormalised: exp(s − max)
-                ssum = e.sum(dim=-1, keepdim=True)
-                lse_b = mx + ssum.log()
-                inv = ssum.reciprocal()
-                e_dt = e if dt == sd else e.to(dt)
-                zb = torch.matmul(e_dt, wb).to(sd) * inv              # A W, normalisation folded into m×d
-            else:
-                zb, lse_b = _LSE_IMPLS[lse_impl](rb, wb, wb, scale)
-                zb = zb.to(sd)
-                lse_b = lse_b.unsqueeze(-1)
-                e = _logits(rsb, wb).sub_(lse_b).exp_()                # A itself (normalised)
-                e_dt = e if dt == sd else e.to(dt)
-                inv = None
-            qb = rb.to(sd) + etab * zb
-            pb, cb = _mix_forward(qb, scale)
-            ck = kapb * cb if inv is None else kapb * cb * inv         # κ·C (and 1/Σ for the unnormalised rows)
-            lse[idx] = lse_b.squeeze(-1)
-            z[idx], q[idx], p[idx], c[idx] = zb, qb, pb, cb
-            if whole:
-                out = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
-            elif batched:
-                out[idx] = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
-            else:
-                torch.bmm(e_dt.transpose(-2, -1), ck.to(dt), out=out[idx])
-        ctx.save_for_backward(w, r, step_rep, step_x, lse, z, q, p, c)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        w, r, step_rep, step_x, lse, z, q, p, c = ctx.saved_tensors
-        scale = ctx.scale
-        B, H, N, d = w.shape
-        m = r.shape[-2]
-        dt = w.dtype
-        sd = _stat_dtype(dt)
-        eta = step_rep.to(sd)
-        kap = step_x.to(sd)
-        r_s = r * scale
-        blocks = _blocks(B, H, N, m, w.device)
-        whole = len(blocks) == 1
-        dw = None if whole else _like_w(w)
-        dr = torch.empty(r.shape, device=r.device, dtype=r.dtype)
-        deta = torch.zeros(H, device=w.device, dtype=sd)
-        dkap = torch.zeros(H, device=w.device, dtype=sd)
-        for idx, batched in blocks:
-            hs = idx[1]
-            wb, rsb, gb = w[idx], r_s[idx], grad[idx]
-            etab, kapb = eta[hs], kap[hs]
-            zb, qb, pb, cb = z[idx], q[idx], p[idx], c[idx]
-            a = _logits(rsb, wb).sub_(lse[idx].unsqueeze(-1)).exp_()      # A, float32 (…, m, N)
-            a_dt = a if dt == sd else a.to(dt)
-            if dt != sd and wb.device.type == 'cpu':
-                ag = torch.matmul(a, gb.to(sd))       # A G in float32: ∂κ = Σ C⊙AG cancels, bf16 rounding shows
-            else:
-                ag = torch.matmul(a_dt, gb).to(sd)                       # A G (…, m, d)
-            red = (0, 2, 3) if batched else (1, 2)
-            dkap[hs] += (cb * ag).sum(red)
-            dcu = kapb * ag                                               # ∂C
-            dp = torch.matmul(dcu, qb.transpose(-2, -1))
-            dl = pb * (dp - (dp * pb).sum(-1, keepdim=True))
-            dq = torch.matmul(pb.transpose(-2, -1), dcu)
-            dq = dq + scale * (torch.matmul(dl, qb) + torch.matmul(dl.transpose(-2, -1), qb))
-            deta[hs] += (dq * zb).sum(red)
-            dz = etab * dq
-            ck = kapb * cb
-            dd = (ck * ag).sum(-1, keepdim=True) + (dz * zb).sum(-1, keepdim=True)   # rowsum(∂A ⊙ A)
-            da = torch.matmul(ck.to(dt), gb.transpose(-2, -1))
-            dz_dt = dz.to(dt)
-            if dt == sd:
-                da = da.baddbmm_(dz_dt, wb.transpose(-2, -1)) if not batched else da + torch.matmul(dz_dt, wb.transpose(-2, -1))
-                ds = da.sub_(dd).mul_(a)                                  # ∂S (…, m, N)
-            else:
-                da = da.to(sd) + torch.matmul(dz_dt, wb.transpose(-2, -1)).to(sd)
-                ds = da.sub_(dd).mul_(a).to(dt)
-            dr[idx] = (dq + scale * torch.matmul(ds, wb).to(sd)).to(dr.dtype)
-            if batched:
-                dwb = torch.matmul(a_dt.transpose(-2, -1), dz_dt) + scale * torch.matmul(ds.transpose(-2, -1), r[idx])
-                if whole:
-                    dw = dwb
-                else:
-                    dw[idx] = dwb
-            else:
-                dwb = dw[idx]
-                torch.bmm(a_dt.transpose(-2, -1), dz_dt, out=dwb)
-                dwb.baddbmm_(ds.transpose(-2, -1), r[idx], alpha=scale)
-        return (dw, dr, deta.view(step_rep.shape).to(step_rep.dtype), dkap.view(step_x.shape).to(step_x.dtype),
-                None, None)
-
-
 @register_notrace_function
 def _cb_apply(backend: str, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Tensor, step_x: torch.Tensor,
               scale: float) -> torch.Tensor:
     """FX leaf: picks the extraction kernel from device / dtype (a data-dependent decision) and applies the
-    memory-saving contract-and-broadcast."""
+    memory-saving contract-and-broadcast (``fused.py``) with autocast off inside: it handles precision itself
+    (half-precision products, float32 softmax statistics), the same way in forward and backward."""
     if backend == 'fused':
         impl = 'fused'
     else:
@@ -405,7 +231,8 @@ def _cb_apply(backend: str, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Te
             impl = 'fused'
     if step_rep.dim() != 3 or step_x.dim() != 3:
         raise ValueError('CBSA fused backends expect step_rep / step_x of shape (H, 1, 1).')
-    return _ContractBroadcast.apply(w, r, step_rep, step_x, scale, impl)
+    with torch.autocast(device_type=w.device.type, enabled=False):
+        return ContractBroadcast.apply(w, r.to(w.dtype), step_rep, step_x, scale, impl)
 
 
 torch.fx.wrap('_cb_apply')

@@ -50,7 +50,8 @@ def pool_representatives(
         tokens = w[:, :, :gh * gw]          # all but the last token (class token included)
     else:
         tokens = w[:, :, N - gh * gw:]      # the patch tokens are the last H_p*W_p tokens
-    # (B*H, H_p, W_p, d) viewed as channels-last NCHW: no copy before pooling
-    tokens = tokens.reshape(B * H, gh, gw, d).permute(0, 3, 1, 2)
-    reps = F.adaptive_avg_pool2d(tokens, rep_grid)          # (B*H, d, r_h, r_w)
-    return reps.flatten(2).transpose(1, 2).reshape(B, H, -1, d)
+    # pool the merged heads (B, H_p, W_p, H*d), viewed as channels-last NCHW: when w is the usual head-split view
+    # of a (B, N, H*d) projection this is a view, so autograd's saved pooling input costs no memory
+    tokens = tokens.transpose(1, 2).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
+    reps = F.adaptive_avg_pool2d(tokens, rep_grid)          # (B, H*d, r_h, r_w)
+    return reps.reshape(B, H, d, -1).transpose(-2, -1)       # (B, H, m, d)
