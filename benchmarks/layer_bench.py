@@ -18,7 +18,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fit_exponent, interleaved, loglog_plot, machine_description, markdown_table, saved_bytes, \
     write_csv  # noqa: E402
-from peers import AgentAttention, PVTLinearSRA, ReLULinearAttention, SDPAAttention, make_cbsa  # noqa: E402
+from peers import AgentAttention, CBSAProjections, PVTLinearSRA, ReLULinearAttention, SDPAAttention, \
+    make_cbsa  # noqa: E402
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
@@ -32,6 +33,8 @@ def build(name: str, dim: int, heads: int, grid):
         return PVTLinearSRA(dim, heads, grid)
     if name == 'relu_linear':
         return ReLULinearAttention(dim, heads, grid)
+    if name == 'proj_floor':
+        return CBSAProjections(dim, heads, grid)
     if name.startswith('cbsa_'):
         return make_cbsa(dim, heads, grid, name[len('cbsa_'):])
     raise ValueError(name)
@@ -62,7 +65,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     variants = args.variants or (
         ['timm_sdpa', 'cbsa_eager', 'cbsa_fused', 'cbsa_sdpa'] + (['cbsa_xformers'] if device.type == 'cuda' else [])
-        + ['agent', 'pvt_li', 'relu_linear'])
+        + ['agent', 'pvt_li', 'relu_linear', 'proj_floor'])
     torch.manual_seed(0)
     rows, times, medians = [], {v: {} for v in variants}, {v: {} for v in variants}
     for g in args.grids:
@@ -128,6 +131,11 @@ def main(argv=None):
           markdown_table(['N'] + variants, mem_table), '',
           'Fitted time exponent over N=%d..%d: ' % (ns[0], ns[-1])
           + ', '.join(f'{v} {e:.2f}' for v, e in exps.items())]
+    if 'proj_floor' in times and 'timm_sdpa' in times:
+        md += ['', 'proj_floor is not attention: only CBSA\'s two C×C projections (fwd+bwd), a floor for any CBSA '
+               'implementation. Reachable SDPA/CBSA ratio at most SDPA/proj_floor: '
+               + ', '.join('N=%d %.2f×' % (n, times['timm_sdpa'][n] / times['proj_floor'][n]) for n in ns
+                           if n in times['timm_sdpa'] and n in times['proj_floor'])]
     text = '\n'.join(md)
     print(text)
     os.makedirs(args.out, exist_ok=True)

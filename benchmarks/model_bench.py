@@ -111,8 +111,8 @@ def main(argv=None):
                 continue
             for k, ts in res.items():
                 ips = batch * iters / (min(ts) / 1e3)
-                row = dict(img=img, mode=mode, model=k, batch=batch, img_per_s=round(ips, 1),
-                           median_img_per_s=round(batch * iters / (statistics.median(ts) / 1e3), 1))
+                row = dict(img=img, mode=mode, model=k, batch=batch, img_per_s=float('%.3g' % ips),
+                           median_img_per_s=float('%.3g' % (batch * iters / (statistics.median(ts) / 1e3))))
                 if cuda:
                     row['peak_GiB'] = round(peak[k], 2)
                 rows.append(row)
@@ -127,7 +127,7 @@ def main(argv=None):
     for r in rows:
         ref = next((q['img_per_s'] for q in rows if q['img'] == r['img'] and q['mode'] == r['mode']
                     and q['model'] == 'vit_small_patch16_224'), None)
-        table.append([str(r['img']), r['mode'], r['model'], str(r['batch']), '%.1f' % r['img_per_s'],
+        table.append([str(r['img']), r['mode'], r['model'], str(r['batch']), '%.3g' % r['img_per_s'],
                       '%.2f×' % (r['img_per_s'] / ref) if ref else '–'])
     text = '\n'.join([f'### Model benchmark ({device.type}, amp={amp}, compile={args.compile})', '',
                       f'Machine: {machine}. Best of {rounds} interleaved rounds × {iters} steps.', '',

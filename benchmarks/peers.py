@@ -6,6 +6,8 @@
   3×3 depthwise conv on V; the learned position biases are omitted (they do not change the cost class).
 * ``PVTLinearSRA``: timm's ``pvt_v2.Attention(linear_attn=True)`` on the patch tokens (it has no class token).
 * ``ReLULinearAttention``: EfficientViT LiteMLA-style ReLU linear attention, Q (Kᵀ [V, 1]) normalised, in fp32.
+* ``CBSAProjections``: not attention: only CBSA's two C×C projections (Uᵀ without bias, output projection with bias).
+  Its time is a floor for any CBSA implementation, so SDPA / floor bounds the reachable SDPA/CBSA ratio.
 """
 from typing import Tuple
 
@@ -78,6 +80,16 @@ class ReLULinearAttention(nn.Module):
         out = q @ kv
         out = out[..., :-1] / (out[..., -1:] + self.eps)
         return self.proj(out.to(dt).transpose(1, 2).reshape(B, N, C))
+
+
+class CBSAProjections(nn.Module):
+    def __init__(self, dim: int, num_heads: int, grid: Tuple[int, int]):
+        super().__init__()
+        self.qkv = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.proj(self.qkv(x))
 
 
 def make_cbsa(dim: int, num_heads: int, grid: Tuple[int, int], backend: str) -> nn.Module:
