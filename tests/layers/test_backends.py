@@ -43,7 +43,7 @@ def _layer(grid, rep, prefix, dim=64, heads=4):
     return layer, torch.randn(3, prefix + grid[0] * grid[1], dim)
 
 
-CASES = [((14, 14), 8, 1), ((5, 7), (2, 3), 0), ((6, 6), 4, 2)]
+CASES = [((14, 14), 8, 1), ((5, 7), (2, 3), 0), ((6, 6), 4, 2), ((8, 12), (4, 6), 1)]   # the last: equal windows
 STEP_GRADS = (4, 5)   # indices of ∂step_rep, ∂step_x in _run's list (out, dx, qkv.w, qkv.b, step_rep, step_x, ...)
 
 
@@ -88,6 +88,36 @@ def test_gradcheck_float64(impl):
         assert torch.autograd.gradcheck(lambda *a: ContractBroadcast.apply(*a, d ** -0.5, impl_), (w, r, eta, kap))
     finally:
         fused._BLOCK_BYTES = old
+
+
+@pytest.mark.parametrize('grid,rep,start', [((3, 4), (3, 2), 2), ((3, 5), (2, 2), 0), ((3, 4), (3, 2), 0)])
+@pytest.mark.parametrize('budget', [1, 1 << 40])
+def test_gradcheck_float64_pooling_inside(grid, rep, start, budget):
+    """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy start 0), per-head
+    blocks and one batched block: float64 gradcheck, and the forward equals pooling outside."""
+    from timm_cbsa.layers.representatives import pool_representatives
+    torch.manual_seed(0)
+    B, H, d = 2, 2, 3
+    N = start + grid[0] * grid[1] + (1 if start == 0 else 0)
+    w = torch.randn(B, N, H, d, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    eta = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
+    kap = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
+    pool = (grid, rep, start)
+    old, fused._BLOCK_BYTES = fused._BLOCK_BYTES, budget
+    try:
+        fn = lambda *a: ContractBroadcast.apply(a[0], None, a[1], a[2], d ** -0.5, 'fused', pool)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (w, eta, kap))
+        r = pool_representatives(w, grid, rep, legacy=start == 0)
+        torch.testing.assert_close(fn(w, eta, kap), ContractBroadcast.apply(w, r, eta, kap, d ** -0.5, 'fused'))
+    finally:
+        fused._BLOCK_BYTES = old
+
+
+def test_legacy_pool_fused_matches_eager():
+    torch.manual_seed(0)
+    layer = CBSA(64, 4, grid_size=(8, 8), rep_grid=4, legacy_pool=True)
+    x = torch.randn(2, 65, 64)
+    assert max(_rel_errors(_run(layer, x, 'fused'), _run(layer, x, 'eager'))) <= 1e-5
 
 
 @pytest.mark.parametrize('budget', [1, 40_000])

@@ -4,7 +4,8 @@ Backends (``BACKENDS``):
 
 * ``'eager'``    the reference math in ``CBSA.contract_and_broadcast`` (plain autograd, keeps the m×N matrix A).
 * ``'fused'``    one custom autograd function (``fused.py``): explicit extraction, cache-blocked on CPU (a few batch
-                 elements or one batch element's head group at a time) and memory-saving: it keeps only W, Q_ini,
+                 elements or one batch element's head group at a time, pooling the representatives per block) and
+                 memory-saving: it keeps only W, Q_ini,
                  the per-representative log-sum-exp and m×d / m×m tensors for backward and rebuilds
                  A = exp(s·Q_ini Wᵀ − lse) blockwise.
 * ``'sdpa'``     the extraction softmax(s·Q_ini Wᵀ) W is an ordinary attention with m queries and N keys: torch SDPA
@@ -214,8 +215,8 @@ def xformers_status(device: torch.device, dtype: torch.dtype = torch.float16, d:
 
 
 @register_notrace_function
-def _cb_apply(backend: str, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Tensor, step_x: torch.Tensor,
-              scale: float) -> torch.Tensor:
+def _cb_apply(backend: str, w: torch.Tensor, r: Optional[torch.Tensor], step_rep: torch.Tensor,
+              step_x: torch.Tensor, scale: float, pool: Optional[tuple] = None) -> torch.Tensor:
     """FX leaf: picks the extraction kernel from device / dtype (a data-dependent decision) and applies the
     memory-saving contract-and-broadcast (``fused.py``) with autocast off inside: it handles precision itself
     (half-precision products, float32 softmax statistics), the same way in forward and backward."""
@@ -232,18 +233,24 @@ def _cb_apply(backend: str, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Te
     if step_rep.dim() != 3 or step_x.dim() != 3:
         raise ValueError('CBSA fused backends expect step_rep / step_x of shape (H, 1, 1).')
     with torch.autocast(device_type=w.device.type, enabled=False):
-        return ContractBroadcast.apply(w, r.to(w.dtype), step_rep, step_x, scale, impl)
+        return ContractBroadcast.apply(w, None if r is None else r.to(w.dtype), step_rep, step_x, scale, impl, pool)
 
 
 torch.fx.wrap('_cb_apply')
 
 
-def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: float) -> torch.Tensor:
+def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: float,
+                                 pool: Optional[tuple] = None) -> torch.Tensor:
     """w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d), same result as ``CBSA.contract_and_broadcast``.
+
+    With ``r=None`` and ``pool=((H_p, W_p), (r_h, r_w), first pooled token)`` the function pools Q_ini from w itself,
+    block by block (``pool_representatives``' result, without its N-wide passes).
 
     The result has w's memory layout, so ``out.transpose(1, 2).reshape(B, N, C)`` is a view when w came from the
     usual ``qkv(x).reshape(B, N, H, d).transpose(1, 2)``.
     """
     if backend not in ('fused', 'sdpa', 'xformers'):
         raise ValueError(f'Unknown fused CBSA backend {backend!r}; choose one of {BACKENDS[1:]}.')
-    return _cb_apply(backend, w, r, step_rep, step_x, scale)
+    if (r is None) == (pool is None):
+        raise ValueError('fused_contract_and_broadcast: pass either r or pool.')
+    return _cb_apply(backend, w, r, step_rep, step_x, scale, pool)

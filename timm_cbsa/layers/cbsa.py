@@ -216,15 +216,20 @@ class CBSA(GridAwareAttention):
         check_no_mask(attn_mask, is_causal)
         B, N, C = x.shape
         w = self.project(x)                                       # (B, H, N, d)
-        r = self.representatives(w, grid_size)                    # (B, H, m, d)
         if torch.jit.is_scripting():
-            y = self.contract_and_broadcast(w, r)
+            y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
         else:
             backend = resolve_backend(self.backend, w, self.training and self.attn_drop.p > 0)
             if backend == 'eager':
+                r = self.representatives(w, grid_size)            # (B, H, m, d)
                 y = self.contract_and_broadcast(w, r)
             else:
-                y = fused_contract_and_broadcast(backend, w, r, self.step_rep, self.step_x, self.scale)
+                # the fused function pools the representatives itself, block by block (see fused.py)
+                grid = self._grid(grid_size)
+                check_token_layout(N, grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
+                start = 0 if self.legacy_pool else N - grid[0] * grid[1]
+                y = fused_contract_and_broadcast(backend, w, None, self.step_rep, self.step_x, self.scale,
+                                                 pool=(grid, self.rep_grid, start))
         y = y.transpose(1, 2).reshape(B, N, C)
         y = self.norm_out(y)
         y = self.proj(y)

@@ -14,12 +14,15 @@ G = ∂L/∂out):
 
 On CPU the work runs in cache-sized blocks: a few batch elements (their W copied once to (b, H, N, d), so that the
 batched products do not each copy it again), or one batch element and a group of heads (strided views of W, no copy).
-On GPU and under torch.compile: one batched block.
+On GPU and under torch.compile: one batched block. CBSA passes ``pool`` so that the representatives Q_ini are
+pooled from each block of W while it is in cache and ∂Q_ini is pooled back into the same block of ∂W (a reshape and a
+mean when the windows are equal, adaptive pooling otherwise): no N-wide pooling pass, no separate gradient sum.
 """
 import os
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ['ContractBroadcast', 'block_budget_bytes', 'LSE_IMPLS']
 
@@ -92,13 +95,51 @@ def _mix_backward(dc: torch.Tensor, q: torch.Tensor, p: torch.Tensor, scale: flo
     return torch.matmul(p.transpose(-2, -1), dc) + scale * (torch.matmul(dl, q) + torch.matmul(dl.transpose(-2, -1), q))
 
 
+def _pool_view(wb: torch.Tensor, pool: tuple) -> torch.Tensor:
+    """The pooled tokens of a block as (…, H_p, W_p, d) (a view)."""
+    (gh, gw), _, start = pool
+    return wb.narrow(-2, start, gh * gw).unflatten(-2, (gh, gw))
+
+
+def _pool_block(wb: torch.Tensor, pool: tuple) -> torch.Tensor:
+    """Q_ini of one block: (…, N, d) -> (…, m, d), the same average pooling as ``pool_representatives``."""
+    (gh, gw), (rh, rw), _ = pool
+    t = _pool_view(wb, pool)
+    if gh % rh == 0 and gw % rw == 0:                       # equal windows: a reshape and a mean, no copy
+        return t.unflatten(-3, (rh, gh // rh)).unflatten(-2, (rw, gw // rw)).mean(dim=(-4, -2)).flatten(-3, -2)
+    lead = t.shape[:-3]
+    x = t.flatten(0, -4) if t.dim() > 4 else t
+    reps = F.adaptive_avg_pool2d(x.movedim(-1, -3), (rh, rw)).movedim(-3, -1)   # (L, r_h, r_w, d)
+    return reps.reshape(lead + (rh * rw, t.shape[-1]))
+
+
+def _pool_adjoint_add_(dwb: torch.Tensor, drb: torch.Tensor, wb: torch.Tensor, pool: tuple) -> None:
+    """dwb += poolᵀ(∂Q_ini) for one block, in place (while the block is in cache)."""
+    (gh, gw), (rh, rw), _ = pool
+    target = _pool_view(dwb, pool)
+    if gh % rh == 0 and gw % rw == 0:
+        kh, kw = gh // rh, gw // rw
+        g = (drb / (kh * kw)).unflatten(-2, (rh, rw)).unsqueeze(-2).unsqueeze(-4)      # (…, r_h, 1, r_w, 1, d)
+        target.unflatten(-3, (rh, kh)).unflatten(-2, (rw, kw)).add_(g)
+        return
+    t = _pool_view(wb, pool)
+    lead = t.shape[:-3]
+    x = t.flatten(0, -4) if t.dim() > 4 else t
+    g = drb.reshape((-1, rh, rw, drb.shape[-1])).movedim(-1, -3)
+    full = torch.ops.aten._adaptive_avg_pool2d_backward(g, x.movedim(-1, -3))          # (L, d, H_p, W_p)
+    target.add_(full.movedim(-3, -1).reshape(lead + (gh, gw, drb.shape[-1])))
+
+
 class ContractBroadcast(torch.autograd.Function):
-    """(w, r, η, κ) -> κ·Aᵀ C per head, (B, H, N, d) with w's memory layout; A rebuilt from the log-sum-exp."""
+    """(w, r, η, κ) -> κ·Aᵀ C per head, (B, H, N, d) with w's memory layout; A rebuilt from the log-sum-exp.
+
+    ``pool``: None (Q_ini is the input ``r``), or ((H_p, W_p), (r_h, r_w), first pooled token) and ``r`` None: Q_ini
+    is pooled from W block by block inside, and its gradient goes back into ∂W there (no N-wide pooling passes)."""
 
     @staticmethod
-    def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str):
+    def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str, pool=None):
         B, H, N, d = w.shape
-        m = r.shape[-2]
+        m = r.shape[-2] if pool is None else pool[1][0] * pool[1][1]
         dt, sd = w.dtype, _stat_dtype(w.dtype)
         eta, kap = step_rep.to(sd), step_x.to(sd)
         blocks = _blocks(B, H, N, m, w.device)
@@ -108,9 +149,16 @@ class ContractBroadcast(torch.autograd.Function):
         z = torch.empty(B, H, m, d, device=w.device, dtype=sd)
         q, c = torch.empty_like(z), torch.empty_like(z)
         p = torch.empty(B, H, m, m, device=w.device, dtype=sd)
+        if pool is not None:
+            r = torch.empty(B, H, m, d, device=w.device, dtype=dt)
         for idx, batched in blocks:
             hs = idx[1]
-            wb, rb = _block_tokens(w, idx), r[idx]
+            wb = _block_tokens(w, idx)
+            if pool is None:
+                rb = r[idx]
+            else:
+                rb = _pool_block(wb, pool)
+                r[idx] = rb
             if lse_impl == 'fused':
                 s = _logits(rb * scale, wb)                                # (…, m, N) statistics precision
                 mx = s.amax(dim=-1, keepdim=True)
@@ -139,13 +187,13 @@ class ContractBroadcast(torch.autograd.Function):
             else:
                 torch.bmm(e_dt.transpose(-2, -1), ck.to(dt), out=out[idx])
         ctx.save_for_backward(w, r, step_rep, step_x, lse, z, q, p, c)
-        ctx.scale = scale
+        ctx.scale, ctx.pool = scale, pool
         return out
 
     @staticmethod
     def backward(ctx, grad):
         w, r, step_rep, step_x, lse, z, q, p, c = ctx.saved_tensors
-        scale = ctx.scale
+        scale, pool = ctx.scale, ctx.pool
         B, H, N, d = w.shape
         m = r.shape[-2]
         dt, sd = w.dtype, _stat_dtype(w.dtype)
@@ -153,7 +201,7 @@ class ContractBroadcast(torch.autograd.Function):
         blocks = _blocks(B, H, N, m, w.device)
         whole = len(blocks) == 1
         dw = None if whole else _like_w(w)
-        dr = torch.empty(r.shape, device=r.device, dtype=r.dtype)
+        dr = torch.empty(r.shape, device=r.device, dtype=r.dtype) if pool is None else None
         deta = torch.zeros(H, device=w.device, dtype=sd)
         dkap = torch.zeros(H, device=w.device, dtype=sd)
         for idx, batched in blocks:
@@ -184,9 +232,13 @@ class ContractBroadcast(torch.autograd.Function):
             else:
                 da = da.to(sd) + torch.matmul(dz_dt, wb.transpose(-2, -1)).to(sd)
                 ds = da.sub_(dd).mul_(a).to(dt)
-            dr[idx] = (dq + scale * torch.matmul(ds, wb).to(sd)).to(dr.dtype)
+            drb = (dq + scale * torch.matmul(ds, wb).to(sd)).to(r.dtype)    # ∂Q_ini (…, m, d)
+            if pool is None:
+                dr[idx] = drb
             if batched:
                 dwb = torch.matmul(a_dt.transpose(-2, -1), dz_dt) + scale * torch.matmul(ds.transpose(-2, -1), rb)
+                if pool is not None:
+                    _pool_adjoint_add_(dwb, drb, wb, pool)
                 if whole:
                     dw = dwb
                 else:
@@ -195,5 +247,7 @@ class ContractBroadcast(torch.autograd.Function):
                 dwb = dw[idx]
                 torch.bmm(a_dt.transpose(-2, -1), dz_dt, out=dwb)
                 dwb.baddbmm_(ds.transpose(-2, -1), rb, alpha=scale)
+                if pool is not None:
+                    _pool_adjoint_add_(dwb, drb, wb, pool)
         return (dw, dr, deta.view(step_rep.shape).to(step_rep.dtype), dkap.view(step_x.shape).to(step_x.dtype),
-                None, None)
+                None, None, None)
