@@ -90,24 +90,24 @@ def test_gradcheck_float64(impl):
         fused._BLOCK_BYTES = old
 
 
-@pytest.mark.parametrize('grid,rep,start', [((3, 4), (3, 2), 2), ((3, 5), (2, 2), 0), ((3, 4), (3, 2), 0)])
+@pytest.mark.parametrize('grid,rep,legacy', [((3, 4), (3, 2), False), ((3, 5), (2, 2), True), ((3, 4), (3, 2), True)])
 @pytest.mark.parametrize('budget', [1, 1 << 40])
-def test_gradcheck_float64_pooling_inside(grid, rep, start, budget):
-    """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy start 0), per-head
-    blocks and one batched block: float64 gradcheck, and the forward equals pooling outside."""
+def test_gradcheck_float64_pooling_inside(grid, rep, legacy, budget):
+    """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy), per-head blocks and
+    one batched block: float64 gradcheck, and the forward equals pooling outside."""
     from timm_cbsa.layers.representatives import pool_representatives
     torch.manual_seed(0)
     B, H, d = 2, 2, 3
-    N = start + grid[0] * grid[1] + (1 if start == 0 else 0)
+    N = 1 + grid[0] * grid[1] + (0 if legacy else 1)   # legacy: one class token; else two prefix tokens
     w = torch.randn(B, N, H, d, dtype=torch.float64).transpose(1, 2).requires_grad_()
     eta = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
     kap = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
-    pool = (grid, rep, start)
+    pool = (grid, rep, legacy)
     old, fused._BLOCK_BYTES = fused._BLOCK_BYTES, budget
     try:
         fn = lambda *a: ContractBroadcast.apply(a[0], None, a[1], a[2], d ** -0.5, 'fused', pool)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (w, eta, kap))
-        r = pool_representatives(w, grid, rep, legacy=start == 0)
+        r = pool_representatives(w, grid, rep, legacy=legacy)
         torch.testing.assert_close(fn(w, eta, kap), ContractBroadcast.apply(w, r, eta, kap, d ** -0.5, 'fused'))
     finally:
         fused._BLOCK_BYTES = old

@@ -243,8 +243,8 @@ def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: fl
                                  pool: Optional[tuple] = None) -> torch.Tensor:
     """w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d), same result as ``CBSA.contract_and_broadcast``.
 
-    With ``r=None`` and ``pool=((H_p, W_p), (r_h, r_w), first pooled token)`` the function pools Q_ini from w itself,
-    block by block (``pool_representatives``' result, without its N-wide passes).
+    With ``r=None`` and ``pool=((H_p, W_p), (r_h, r_w), legacy)`` the function pools Q_ini from w itself, block by
+    block (``pool_representatives(w, *pool)``, without its N-wide passes).
 
     The result has w's memory layout, so ``out.transpose(1, 2).reshape(B, N, C)`` is a view when w came from the
     usual ``qkv(x).reshape(B, N, H, d).transpose(1, 2)``.

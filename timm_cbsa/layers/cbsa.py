@@ -179,9 +179,15 @@ class CBSA(GridAwareAttention):
 
     def representatives(self, w: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, H, N, d) projected tokens -> (B, H, m, d) initial representatives Q_ini."""
+        grid, rep_grid, legacy = self._pooling(w.shape[2], grid_size)
+        return pool_representatives(w, grid, rep_grid, legacy)
+
+    def _pooling(self, num_tokens: int, grid_size: Optional[Tuple[int, int]]
+                 ) -> Tuple[Tuple[int, int], Tuple[int, int], bool]:
+        """The checked ``pool_representatives`` arguments (patch grid, representative grid, legacy) for N tokens."""
         grid = self._grid(grid_size)
-        check_token_layout(w.shape[2], grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
-        return pool_representatives(w, grid, self.rep_grid, self.legacy_pool)
+        check_token_layout(num_tokens, grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
+        return grid, self.rep_grid, self.legacy_pool
 
     def _grid(self, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
         if grid_size is not None:
@@ -225,11 +231,8 @@ class CBSA(GridAwareAttention):
                 y = self.contract_and_broadcast(w, r)
             else:
                 # the fused function pools the representatives itself, block by block (see fused.py)
-                grid = self._grid(grid_size)
-                check_token_layout(N, grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
-                start = 0 if self.legacy_pool else N - grid[0] * grid[1]
                 y = fused_contract_and_broadcast(backend, w, None, self.step_rep, self.step_x, self.scale,
-                                                 pool=(grid, self.rep_grid, start))
+                                                 pool=self._pooling(N, grid_size))
         y = y.transpose(1, 2).reshape(B, N, C)
         y = self.norm_out(y)
         y = self.proj(y)

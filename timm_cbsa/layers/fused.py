@@ -22,7 +22,8 @@ import os
 from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
+
+from .representatives import equal_windows, pool_representatives, pooled_tokens
 
 __all__ = ['ContractBroadcast', 'block_budget_bytes', 'LSE_IMPLS']
 
@@ -95,46 +96,29 @@ def _mix_backward(dc: torch.Tensor, q: torch.Tensor, p: torch.Tensor, scale: flo
     return torch.matmul(p.transpose(-2, -1), dc) + scale * (torch.matmul(dl, q) + torch.matmul(dl.transpose(-2, -1), q))
 
 
-def _pool_view(wb: torch.Tensor, pool: tuple) -> torch.Tensor:
-    """The pooled tokens of a block as (…, H_p, W_p, d) (a view)."""
-    (gh, gw), _, start = pool
-    return wb.narrow(-2, start, gh * gw).unflatten(-2, (gh, gw))
-
-
-def _pool_block(wb: torch.Tensor, pool: tuple) -> torch.Tensor:
-    """Q_ini of one block: (…, N, d) -> (…, m, d), the same average pooling as ``pool_representatives``."""
-    (gh, gw), (rh, rw), _ = pool
-    t = _pool_view(wb, pool)
-    if gh % rh == 0 and gw % rw == 0:                       # equal windows: a reshape and a mean, no copy
-        return t.unflatten(-3, (rh, gh // rh)).unflatten(-2, (rw, gw // rw)).mean(dim=(-4, -2)).flatten(-3, -2)
-    lead = t.shape[:-3]
-    x = t.flatten(0, -4) if t.dim() > 4 else t
-    reps = F.adaptive_avg_pool2d(x.movedim(-1, -3), (rh, rw)).movedim(-3, -1)   # (L, r_h, r_w, d)
-    return reps.reshape(lead + (rh * rw, t.shape[-1]))
-
-
 def _pool_adjoint_add_(dwb: torch.Tensor, drb: torch.Tensor, wb: torch.Tensor, pool: tuple) -> None:
-    """dwb += poolᵀ(∂Q_ini) for one block, in place (while the block is in cache)."""
-    (gh, gw), (rh, rw), _ = pool
-    target = _pool_view(dwb, pool)
-    if gh % rh == 0 and gw % rw == 0:
-        kh, kw = gh // rh, gw // rw
+    """dwb += poolᵀ(∂Q_ini) for one block, in place (while the block is in cache); the adjoint of
+    ``pool_representatives(wb, *pool)``."""
+    grid, (rh, rw), legacy = pool
+    target = pooled_tokens(dwb, grid, legacy)                                   # (…, H_p, W_p, d) view of ∂W
+    if equal_windows(grid, (rh, rw)):
+        kh, kw = grid[0] // rh, grid[1] // rw
         g = (drb / (kh * kw)).unflatten(-2, (rh, rw)).unsqueeze(-2).unsqueeze(-4)      # (…, r_h, 1, r_w, 1, d)
         target.unflatten(-3, (rh, kh)).unflatten(-2, (rw, kw)).add_(g)
         return
-    t = _pool_view(wb, pool)
-    lead = t.shape[:-3]
+    t = pooled_tokens(wb, grid, legacy)
     x = t.flatten(0, -4) if t.dim() > 4 else t
     g = drb.reshape((-1, rh, rw, drb.shape[-1])).movedim(-1, -3)
     full = torch.ops.aten._adaptive_avg_pool2d_backward(g, x.movedim(-1, -3))          # (L, d, H_p, W_p)
-    target.add_(full.movedim(-3, -1).reshape(lead + (gh, gw, drb.shape[-1])))
+    target.add_(full.movedim(-3, -1).reshape(target.shape))
 
 
 class ContractBroadcast(torch.autograd.Function):
     """(w, r, η, κ) -> κ·Aᵀ C per head, (B, H, N, d) with w's memory layout; A rebuilt from the log-sum-exp.
 
-    ``pool``: None (Q_ini is the input ``r``), or ((H_p, W_p), (r_h, r_w), first pooled token) and ``r`` None: Q_ini
-    is pooled from W block by block inside, and its gradient goes back into ∂W there (no N-wide pooling passes)."""
+    ``pool``: None (Q_ini is the input ``r``), or ((H_p, W_p), (r_h, r_w), legacy) and ``r`` None: Q_ini is
+    ``pool_representatives`` of W, computed block by block inside, and its gradient goes back into ∂W there (no
+    N-wide pooling passes)."""
 
     @staticmethod
     def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str, pool=None):
@@ -157,7 +141,7 @@ class ContractBroadcast(torch.autograd.Function):
             if pool is None:
                 rb = r[idx]
             else:
-                rb = _pool_block(wb, pool)
+                rb = pool_representatives(wb, *pool) if batched else pool_representatives(wb[None], *pool)[0]
                 r[idx] = rb
             if lse_impl == 'fused':
                 s = _logits(rb * scale, wb)                                # (…, m, N) statistics precision

@@ -28,6 +28,19 @@ def to_grid(size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
     return size[0], size[1]
 
 
+def pooled_tokens(w: torch.Tensor, grid_size: Tuple[int, int], legacy: bool = False) -> torch.Tensor:
+    """The tokens that are pooled, as a (…, H_p, W_p, d) view of (…, N, d) tokens: the last H_p*W_p (the patches), or
+    with ``legacy`` the first H_p*W_p (the released code: class token in, last patch out)."""
+    gh, gw = grid_size[0], grid_size[1]
+    start = 0 if legacy else w.shape[-2] - gh * gw
+    return w.narrow(-2, start, gh * gw).unflatten(-2, (gh, gw))
+
+
+def equal_windows(grid_size: Tuple[int, int], rep_grid: Tuple[int, int]) -> bool:
+    """True when the representative grid tiles the patch grid (every pooling window has the same size)."""
+    return grid_size[0] % rep_grid[0] == 0 and grid_size[1] % rep_grid[1] == 0
+
+
 def pool_representatives(
         w: torch.Tensor,
         grid_size: Tuple[int, int],
@@ -46,12 +59,14 @@ def pool_representatives(
     """
     B, H, N, d = w.shape
     gh, gw = grid_size[0], grid_size[1]
-    if legacy:
-        tokens = w[:, :, :gh * gw]          # all but the last token (class token included)
-    else:
-        tokens = w[:, :, N - gh * gw:]      # the patch tokens are the last H_p*W_p tokens
-    # pool the merged heads (B, H_p, W_p, H*d), viewed as channels-last NCHW: when w is the usual head-split view
-    # of a (B, N, H*d) projection this is a view, so autograd's saved pooling input costs no memory
-    tokens = tokens.transpose(1, 2).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
-    reps = F.adaptive_avg_pool2d(tokens, rep_grid)          # (B, H*d, r_h, r_w)
-    return reps.reshape(B, H, d, -1).transpose(-2, -1)       # (B, H, m, d)
+    rh, rw = rep_grid[0], rep_grid[1]
+    tokens = pooled_tokens(w, grid_size, legacy)                # (B, H, H_p, W_p, d), a view
+    if equal_windows(grid_size, rep_grid):                      # a reshape and a mean: no copy, nothing saved
+        reps = tokens.unflatten(2, (rh, gh // rh)).unflatten(4, (rw, gw // rw)).mean(dim=(3, 5))
+        return reps.flatten(2, 3)                               # (B, H, m, d)
+    # overlapping windows: pool the merged heads (B, H_p, W_p, H*d), viewed as channels-last NCHW: when w is the
+    # usual head-split view of a (B, N, H*d) projection this is a view, so autograd's saved pooling input costs no
+    # memory
+    tokens = tokens.permute(0, 2, 3, 1, 4).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
+    reps = F.adaptive_avg_pool2d(tokens, rep_grid)              # (B, H*d, r_h, r_w)
+    return reps.reshape(B, H, d, -1).transpose(-2, -1)          # (B, H, m, d)
