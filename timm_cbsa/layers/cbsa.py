@@ -22,6 +22,7 @@ from torch.jit import Final
 
 from .backends import fused_contract_and_broadcast, resolve_backend
 from ._fx import register_notrace_function
+from ._heads import init_heads
 from .layout import GridAwareAttention
 from .representatives import pool_representatives, to_grid
 
@@ -141,13 +142,7 @@ class CBSA(GridAwareAttention):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if dim % num_heads != 0:
-            raise ValueError(f'CBSA: dim {dim} is not divisible by num_heads {num_heads}.')
-        if (qk_norm or scale_norm) and norm_layer is None:
-            norm_layer = nn.LayerNorm
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
         self.rep_grid = to_grid(rep_grid)
         self.legacy_pool = legacy_pool
         self.grid_size = None if grid_size is None else to_grid(grid_size)

@@ -53,6 +53,7 @@ from timm.layers import use_fused_attn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 from ._fx import register_notrace_function
+from ._heads import init_heads
 from .backends import resolve_backend
 from .cbsa import attention_weights, check_no_mask, check_token_layout
 from .layout import GridAwareAttention
@@ -194,13 +195,7 @@ class _ProjectedAttention(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if dim % num_heads != 0:
-            raise ValueError(f'{type(self).__name__}: dim {dim} is not divisible by num_heads {num_heads}.')
-        if (qk_norm or scale_norm) and norm_layer is None:
-            norm_layer = nn.LayerNorm
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
         self.shared_qkv = shared_qkv
         if shared_qkv:   # CBSA naming: qkv = Uᵀ (C × C), norm = qk_norm on W, norm_out = scale_norm
             self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)
