@@ -132,8 +132,7 @@ def _xformers_lse(q, k, v, scale: float):
 
 # probe cache: (kind, device type, dtype, head dim) -> chosen implementation name, or None when it cannot run
 _PROBES: Dict[Tuple[str, str, torch.dtype, int], Optional[str]] = {}
-_LSE_IMPLS = LSE_IMPLS    # shared with fused.py, which calls the chosen one
-_LSE_IMPLS.update({
+LSE_IMPLS.update({    # the registry lives in fused.py, which calls the chosen one
     'explicit': _explicit_lse, 'cpu_flash': _sdpa_lse_cpu, 'cuda_flash': _sdpa_lse_cuda_flash,
     'cuda_efficient': _sdpa_lse_cuda_efficient, 'xformers': _xformers_lse,
 })
@@ -149,7 +148,7 @@ def _try_impl(name: str, device: torch.device, dtype: torch.dtype, d: int) -> Op
         g = torch.Generator(device='cpu').manual_seed(0)
         q = torch.randn(2, 2, 8, d, generator=g).to(device=device, dtype=dtype)
         k = torch.randn(2, 2, 40, d, generator=g).to(device=device, dtype=dtype)
-        out, lse = _LSE_IMPLS[name](q, k, k, d ** -0.5)
+        out, lse = LSE_IMPLS[name](q, k, k, d ** -0.5)
         ref_out, ref_lse = _explicit_lse(q.double(), k.double(), k.double(), d ** -0.5)
         tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
         if tuple(lse.shape) != tuple(ref_lse.shape) or not torch.allclose(lse.double(), ref_lse, atol=tol, rtol=tol):
