@@ -19,7 +19,7 @@ pooled from each block of W while it is in cache and ∂Q_ini is pooled back int
 mean when the windows are equal, adaptive pooling otherwise): no N-wide pooling pass, no separate gradient sum.
 """
 import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -43,18 +43,21 @@ def _stat_dtype(dt: torch.dtype) -> torch.dtype:
     return torch.float64 if dt == torch.float64 else torch.float32
 
 
-def _logits(r_s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """s·R Wᵀ in statistics precision (float16 is promoted before the product, like the eager path)."""
+def _logits(r_s: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """s·R Wᵀ in statistics precision (float16 is promoted before the product, like the eager path); written into
+    ``out`` (a reused scratch block) when the precisions agree."""
     sd = _stat_dtype(w.dtype)
     if w.dtype == torch.float16:
         return torch.matmul(r_s.to(sd), w.to(sd).transpose(-2, -1))
+    if out is not None and w.dtype == sd:
+        return torch.bmm(r_s, w.transpose(-2, -1), out=out)
     return torch.matmul(r_s, w.transpose(-2, -1)).to(sd)
 
 
 def _blocks(B: int, H: int, N: int, m: int, device: torch.device) -> List[Tuple[tuple, bool]]:
     """Index blocks ``(idx, batched)`` over (B, H). CPU: blocks whose m×N logits fit the budget; one batch element
-    per block uses 3-D strided products without layout copies, several (small N) batched 4-D products. Elsewhere,
-    or under torch.compile: one batched block."""
+    per block uses strided views of W without layout copies, several (small N) a (b, H, N, d) copy. Elsewhere, or
+    under torch.compile: one batched block."""
     per_head = max(1, m * N * 4)
     if device.type != 'cpu' or torch.compiler.is_compiling() or B * H * per_head <= _BLOCK_BYTES:
         return [((slice(None), slice(None)), True)]
@@ -74,13 +77,72 @@ def _like_w(w: torch.Tensor) -> torch.Tensor:
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 
-def _block_tokens(w: torch.Tensor, idx: tuple) -> torch.Tensor:
-    """W (or ∂out) for one block. Several batch elements of the usual (B, N, H, d)-strided layout are copied once to
-    (b, H, N, d) (else every batched product would copy them again); single elements stay strided views."""
+class _Scratch:
+    """Per-call buffers for the CPU blocks, sliced for each block instead of allocating fresh multi-MB tensors per
+    block: on CPU a fresh large tensor is new pages, and their first-touch faults were a large share of the time."""
+
+    def __init__(self, lmax: int, device: torch.device):
+        self.lmax, self.device, self._bufs = lmax, device, {}
+
+    def get(self, name: str, L: int, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None:
+            buf = self._bufs[name] = torch.empty((self.lmax,) + tuple(shape), dtype=dtype, device=self.device)
+        return buf[:L]
+
+
+def _matrices(idx: tuple, batched: bool, B: int, H: int) -> int:
+    """How many (batch, head) matrices a block holds."""
+    return len(range(B)[idx[0]]) * H if batched else len(range(H)[idx[1]])
+
+
+def _scratch(blocks, B: int, H: int, device: torch.device) -> Optional[_Scratch]:
+    """Buffers reused across the blocks of one call; None for a single block (nothing to reuse)."""
+    if len(blocks) == 1:
+        return None
+    return _Scratch(max(_matrices(idx, batched, B, H) for idx, batched in blocks), device)
+
+
+def _block_tokens(w: torch.Tensor, idx: tuple, scratch: Optional[_Scratch] = None, name: str = 'w'
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """W (or ∂out) for one block, as (4-D (b, h, N, d) for pooling and the LSE kernels, 3-D (L, N, d) for the
+    products). Several batch elements of the usual (B, N, H, d)-strided layout are copied once (into scratch when
+    given), else every batched product would copy them again; a single element's heads stay strided views."""
     wb = w[idx]
-    if wb.dim() == 4 and wb.stride(1) < wb.stride(2):
-        wb = wb.contiguous()
-    return wb
+    if wb.dim() == 3:
+        return wb[None], wb
+    if wb.stride(1) < wb.stride(2):
+        if scratch is not None:
+            b, h, N, d = wb.shape
+            wb = scratch.get(name, b * h, (N, d), wb.dtype).view(b, h, N, d).copy_(wb)
+        else:
+            wb = wb.contiguous()
+    return wb, wb.flatten(0, 1)
+
+
+def _per_matrix(x: torch.Tensor, idx: tuple, batched: bool, nb: int) -> torch.Tensor:
+    """(H, 1, 1) per-head values -> (L, 1, 1) for the block's matrices."""
+    return x.repeat(nb, 1, 1) if batched else x[idx[1]]
+
+
+def _head_sum_(acc: torch.Tensor, x: torch.Tensor, idx: tuple, batched: bool) -> None:
+    """acc (H,) += the block's per-matrix (L,) values summed per head."""
+    if batched:
+        acc += x.view(-1, acc.shape[0]).sum(0)
+    else:
+        acc[idx[1]] += x
+
+
+def _write_tokens(dst: torch.Tensor, idx: tuple, fn) -> None:
+    """dst[idx] (a (…, N, d) block of a strided (B, H, N, d) tensor) = fn(rows, out): the bmm writes straight into
+    the strided destination, one batch element at a time for batched blocks."""
+    blk = dst[idx]
+    if blk.dim() == 3:
+        fn(slice(None), blk)
+        return
+    h = blk.shape[1]
+    for j in range(blk.shape[0]):
+        fn(slice(j * h, (j + 1) * h), blk[j])
 
 
 def _mix_forward(q: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -118,17 +180,17 @@ class ContractBroadcast(torch.autograd.Function):
 
     ``pool``: None (Q_ini is the input ``r``), or ((H_p, W_p), (r_h, r_w), legacy) and ``r`` None: Q_ini is
     ``pool_representatives`` of W, computed block by block inside, and its gradient goes back into ∂W there (no
-    N-wide pooling passes)."""
+    N-wide pooling passes). Inside a block every tensor is 3-D, (L, …) over the block's L (batch, head) matrices."""
 
     @staticmethod
     def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str, pool=None):
         B, H, N, d = w.shape
         m = r.shape[-2] if pool is None else pool[1][0] * pool[1][1]
         dt, sd = w.dtype, _stat_dtype(w.dtype)
-        eta, kap = step_rep.to(sd), step_x.to(sd)
+        eta, kap = step_rep.to(sd).reshape(H, 1, 1), step_x.to(sd).reshape(H, 1, 1)
         blocks = _blocks(B, H, N, m, w.device)
-        whole = len(blocks) == 1
-        out = None if whole else _like_w(w)
+        scratch = _scratch(blocks, B, H, w.device)
+        out = None if scratch is None else _like_w(w)
         lse = torch.empty(B, H, m, device=w.device, dtype=sd)
         z = torch.empty(B, H, m, d, device=w.device, dtype=sd)
         q, c = torch.empty_like(z), torch.empty_like(z)
@@ -136,40 +198,38 @@ class ContractBroadcast(torch.autograd.Function):
         if pool is not None:
             r = torch.empty(B, H, m, d, device=w.device, dtype=dt)
         for idx, batched in blocks:
-            hs = idx[1]
-            wb = _block_tokens(w, idx)
-            if pool is None:
-                rb = r[idx]
-            else:
-                rb = pool_representatives(wb, *pool) if batched else pool_representatives(wb[None], *pool)[0]
-                r[idx] = rb
+            w4, wb = _block_tokens(w, idx, scratch)                       # (b, h, N, d), (L, N, d)
+            L = wb.shape[0]
+            if pool is not None:
+                r[idx] = pool_representatives(w4, *pool).view(r[idx].shape)
+            r4 = r[idx] if batched else r[idx][None]
+            rb = r4.flatten(0, 1)                                          # Q_ini (L, m, d)
+            eta_b, kap_b = _per_matrix(eta, idx, batched, w4.shape[0]), _per_matrix(kap, idx, batched, w4.shape[0])
+            buf = None if scratch is None else scratch.get('s', L, (m, N), sd)
             if lse_impl == 'fused':
-                s = _logits(rb * scale, wb)                                # (…, m, N) statistics precision
+                s = _logits(rb * scale, wb, buf)                           # (L, m, N) statistics precision
                 mx = s.amax(dim=-1, keepdim=True)
                 e = s.sub_(mx).exp_()                                      # unnormalised: exp(s − max)
                 ssum = e.sum(dim=-1, keepdim=True)
                 lse_b = mx + ssum.log()
                 inv = ssum.reciprocal()
                 e_dt = e if dt == sd else e.to(dt)
-                zb = torch.matmul(e_dt, wb).to(sd) * inv                  # A W, normalisation folded into m×d
+                zb = torch.bmm(e_dt, wb).to(sd) * inv                     # A W, normalisation folded into m×d
             else:
-                zb, lse_b = LSE_IMPLS[lse_impl](rb, wb, wb, scale)        # SDPA / xformers: A W and log-sum-exp
-                zb = zb.to(sd)
-                lse_b = lse_b.unsqueeze(-1)
-                e = _logits(rb * scale, wb).sub_(lse_b).exp_()            # A itself (normalised)
+                zb4, lse4 = LSE_IMPLS[lse_impl](r4, w4, w4, scale)        # SDPA / xformers: A W and log-sum-exp
+                zb, lse_b = zb4.flatten(0, 1).to(sd), lse4.flatten(0, 1).unsqueeze(-1)
+                e = _logits(rb * scale, wb, buf).sub_(lse_b).exp_()       # A itself (normalised)
                 e_dt = e if dt == sd else e.to(dt)
                 inv = None
-            qb = rb.to(sd) + eta[hs] * zb
+            qb = rb.to(sd) + eta_b * zb
             pb, cb = _mix_forward(qb, scale)
-            ck = kap[hs] * cb if inv is None else kap[hs] * cb * inv     # κ·C (and 1/Σ for the unnormalised rows)
-            lse[idx] = lse_b.squeeze(-1)
-            z[idx], q[idx], p[idx], c[idx] = zb, qb, pb, cb
-            if whole:
-                out = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
-            elif batched:
-                out[idx] = torch.matmul(e_dt.transpose(-2, -1), ck.to(dt))
+            ck = (kap_b * cb if inv is None else kap_b * cb * inv).to(dt)   # κ·C (and 1/Σ for the unnormalised rows)
+            for t, v in ((lse, lse_b.squeeze(-1)), (z, zb), (q, qb), (p, pb), (c, cb)):
+                t[idx] = v.reshape(t[idx].shape)
+            if scratch is None:
+                out = torch.bmm(e_dt.transpose(-2, -1), ck).view(B, H, N, d)
             else:
-                torch.bmm(e_dt.transpose(-2, -1), ck.to(dt), out=out[idx])
+                _write_tokens(out, idx, lambda j, o: torch.bmm(e_dt[j].transpose(-2, -1), ck[j], out=o))
         ctx.save_for_backward(w, r, step_rep, step_x, lse, z, q, p, c)
         ctx.scale, ctx.pool = scale, pool
         return out
@@ -181,57 +241,57 @@ class ContractBroadcast(torch.autograd.Function):
         B, H, N, d = w.shape
         m = r.shape[-2]
         dt, sd = w.dtype, _stat_dtype(w.dtype)
-        eta, kap = step_rep.to(sd), step_x.to(sd)
+        eta, kap = step_rep.to(sd).reshape(H, 1, 1), step_x.to(sd).reshape(H, 1, 1)
         blocks = _blocks(B, H, N, m, w.device)
-        whole = len(blocks) == 1
-        dw = None if whole else _like_w(w)
+        scratch = _scratch(blocks, B, H, w.device)
+        dw = None if scratch is None else _like_w(w)
         dr = torch.empty(r.shape, device=r.device, dtype=r.dtype) if pool is None else None
         deta = torch.zeros(H, device=w.device, dtype=sd)
         dkap = torch.zeros(H, device=w.device, dtype=sd)
         for idx, batched in blocks:
-            hs = idx[1]
-            wb, rb, gb = _block_tokens(w, idx), r[idx], _block_tokens(grad, idx)
-            zb, qb, pb, cb = z[idx], q[idx], p[idx], c[idx]
-            red = tuple(i for i in range(cb.dim()) if i != cb.dim() - 3)   # every dim but the head's
-            a = _logits(rb * scale, wb).sub_(lse[idx].unsqueeze(-1)).exp_()      # A rebuilt (…, m, N)
+            w4, wb = _block_tokens(w, idx, scratch)                       # (b, h, N, d), (L, N, d)
+            _, gb = _block_tokens(grad, idx, scratch, 'g')
+            L, nb = wb.shape[0], w4.shape[0]
+            rb = r[idx].reshape(L, m, d)
+            zb, qb, pb, cb = (t[idx].reshape(L, m, -1) for t in (z, q, p, c))
+            eta_b, kap_b = _per_matrix(eta, idx, batched, nb), _per_matrix(kap, idx, batched, nb)
+            a = _logits(rb * scale, wb, None if scratch is None else scratch.get('a', L, (m, N), sd))
+            a = a.sub_(lse[idx].reshape(L, m, 1)).exp_()                  # A rebuilt (L, m, N)
             a_dt = a if dt == sd else a.to(dt)
             if dt != sd and wb.device.type == 'cpu':
-                ag = torch.matmul(a, gb.to(sd))       # A G in float32: ∂κ = Σ C⊙AG cancels, bf16 rounding shows
+                ag = torch.bmm(a, gb.to(sd))          # A G in float32: ∂κ = Σ C⊙AG cancels, bf16 rounding shows
             else:
-                ag = torch.matmul(a_dt, gb).to(sd)                        # A G (…, m, d)
-            dkap[hs] += (cb * ag).sum(red)
-            dq = _mix_backward(kap[hs] * ag, qb, pb, scale)
-            deta[hs] += (dq * zb).sum(red)
-            dz = eta[hs] * dq
-            ck = kap[hs] * cb
+                ag = torch.bmm(a_dt, gb).to(sd)                           # A G (L, m, d)
+            _head_sum_(dkap, (cb * ag).sum((1, 2)), idx, batched)
+            dq = _mix_backward(kap_b * ag, qb, pb, scale)
+            _head_sum_(deta, (dq * zb).sum((1, 2)), idx, batched)
+            dz = eta_b * dq
+            ck = kap_b * cb
             dd = (ck * ag).sum(-1, keepdim=True) + (dz * zb).sum(-1, keepdim=True)   # rowsum(∂A ⊙ A)
-            da = torch.matmul(ck.to(dt), gb.transpose(-2, -1))
             dz_dt = dz.to(dt)
             if dt == sd:
-                if da.dim() == 3:
-                    da.baddbmm_(dz_dt, wb.transpose(-2, -1))
-                else:
-                    da.add_(torch.matmul(dz_dt, wb.transpose(-2, -1)))
-                ds = da.sub_(dd).mul_(a)                                  # ∂S (…, m, N)
+                buf = None if scratch is None else scratch.get('da', L, (m, N), sd)
+                da = torch.bmm(ck, gb.transpose(-2, -1), out=buf) if buf is not None else \
+                    torch.bmm(ck, gb.transpose(-2, -1))
+                ds = da.baddbmm_(dz_dt, wb.transpose(-2, -1)).sub_(dd).mul_(a)   # ∂S (L, m, N)
             else:
-                da = da.to(sd) + torch.matmul(dz_dt, wb.transpose(-2, -1)).to(sd)
+                da = torch.bmm(ck.to(dt), gb.transpose(-2, -1)).to(sd) + torch.bmm(dz_dt, wb.transpose(-2, -1)).to(sd)
                 ds = da.sub_(dd).mul_(a).to(dt)
-            drb = (dq + scale * torch.matmul(ds, wb).to(sd)).to(r.dtype)    # ∂Q_ini (…, m, d)
+            drb = (dq + scale * torch.bmm(ds, wb).to(sd)).to(r.dtype)     # ∂Q_ini (L, m, d)
             if pool is None:
-                dr[idx] = drb
-            if batched:
-                dwb = torch.matmul(a_dt.transpose(-2, -1), dz_dt) + scale * torch.matmul(ds.transpose(-2, -1), rb)
-                if pool is not None:
-                    _pool_adjoint_add_(dwb, drb, wb, pool)
-                if whole:
-                    dw = dwb
-                else:
-                    dw[idx] = dwb
+                dr[idx] = drb.reshape(dr[idx].shape)
+
+            def dw_rows(j, o):                                            # ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini
+                torch.bmm(a_dt[j].transpose(-2, -1), dz_dt[j], out=o)
+                o.baddbmm_(ds[j].transpose(-2, -1), rb[j], alpha=scale)
+
+            if scratch is None:
+                dw = torch.bmm(a_dt.transpose(-2, -1), dz_dt).baddbmm_(ds.transpose(-2, -1), rb, alpha=scale)
+                dw = dw.view(B, H, N, d)
             else:
-                dwb = dw[idx]
-                torch.bmm(a_dt.transpose(-2, -1), dz_dt, out=dwb)
-                dwb.baddbmm_(ds.transpose(-2, -1), rb, alpha=scale)
-                if pool is not None:
-                    _pool_adjoint_add_(dwb, drb, wb, pool)
+                _write_tokens(dw, idx, dw_rows)
+            if pool is not None:
+                dwb = dw[idx] if batched else dw[idx][None]
+                _pool_adjoint_add_(dwb, drb.view(nb, -1, m, d), w4, pool)
         return (dw, dr, deta.view(step_rep.shape).to(step_rep.dtype), dkap.view(step_x.shape).to(step_x.dtype),
                 None, None, None)
