@@ -14,7 +14,9 @@ G = ∂L/∂out):
 
 On CPU the work runs in cache-sized blocks: a few batch elements (their W copied once to (b, H, N, d), so that the
 batched products do not each copy it again), or one batch element and a group of heads (strided views of W, no copy).
-On GPU and under torch.compile: one batched block. CBSA passes ``pool`` so that the representatives Q_ini are
+Inside a block every product is a 3-D bmm over the block's (batch, head) matrices; the m×N logits / ∂A and the copies
+live in scratch buffers allocated once per call, and the N×d results are written straight into the strided output
+and ∂W. On GPU and under torch.compile: one batched block. CBSA passes ``pool`` so that the representatives Q_ini are
 pooled from each block of W while it is in cache and ∂Q_ini is pooled back into the same block of ∂W (a reshape and a
 mean when the windows are equal, adaptive pooling otherwise): no N-wide pooling pass, no separate gradient sum.
 """
@@ -79,7 +81,7 @@ def _like_w(w: torch.Tensor) -> torch.Tensor:
 
 class _Scratch:
     """Per-call buffers for the CPU blocks, sliced for each block instead of allocating fresh multi-MB tensors per
-    block: on CPU a fresh large tensor is new pages, and their first-touch faults were a large share of the time."""
+    block (on CPU a fresh large tensor is new pages, paid for in first-touch faults)."""
 
     def __init__(self, lmax: int, device: torch.device):
         self.lmax, self.device, self._bufs = lmax, device, {}
