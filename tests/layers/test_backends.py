@@ -91,13 +91,14 @@ def test_gradcheck_float64(impl):
 
 
 @pytest.mark.parametrize('grid,rep,legacy', [((3, 4), (3, 2), False), ((3, 5), (2, 2), True), ((3, 4), (3, 2), True)])
-@pytest.mark.parametrize('budget', [1, 1 << 40])
+@pytest.mark.parametrize('budget', [1, 1500, 1 << 40])
 def test_gradcheck_float64_pooling_inside(grid, rep, legacy, budget):
-    """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy), per-head blocks and
-    one batched block: float64 gradcheck, and the forward equals pooling outside."""
+    """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy), per-head blocks,
+    batched blocks of two and one batch element (scratch buffers sliced to each) and one batched block: float64
+    gradcheck, and the forward equals pooling outside."""
     from timm_cbsa.layers.representatives import pool_representatives
     torch.manual_seed(0)
-    B, H, d = 2, 2, 3
+    B, H, d = 3, 2, 3
     N = 1 + grid[0] * grid[1] + (0 if legacy else 1)   # legacy: one class token; else two prefix tokens
     w = torch.randn(B, N, H, d, dtype=torch.float64).transpose(1, 2).requires_grad_()
     eta = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
@@ -105,6 +106,8 @@ def test_gradcheck_float64_pooling_inside(grid, rep, legacy, budget):
     pool = (grid, rep, legacy)
     old, fused._BLOCK_BYTES = fused._BLOCK_BYTES, budget
     try:
+        blocks = fused._blocks(B, H, N, rep[0] * rep[1], w.device)
+        assert len(blocks) == {1: B * H, 1500: 2, 1 << 40: 1}[budget] and blocks[0][1] == (budget > 1)
         fn = lambda *a: ContractBroadcast.apply(a[0], None, a[1], a[2], d ** -0.5, 'fused', pool)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (w, eta, kap))
         r = pool_representatives(w, grid, rep, legacy=legacy)
@@ -120,15 +123,16 @@ def test_legacy_pool_fused_matches_eager():
     assert max(_rel_errors(_run(layer, x, 'fused'), _run(layer, x, 'eager'))) <= 1e-5
 
 
-@pytest.mark.parametrize('budget', [1, 40_000])
+@pytest.mark.parametrize('budget', [1, 10_000, 40_000])
 def test_blocking_matches_unblocked(monkeypatch, budget):
-    """Tiny block budgets (one head per block; several batch elements per block) give the default's numbers."""
+    """Tiny block budgets (one head per block; head groups of two and one; several batch elements per block, three
+    then two) give the default's numbers."""
     torch.manual_seed(0)
     layer = CBSA(48, 3, grid_size=(8, 8), rep_grid=4, num_prefix_tokens=1)
     x = torch.randn(5, 65, 48)
     ref = _run(layer, x, 'fused')
     monkeypatch.setattr(fused, '_BLOCK_BYTES', budget)
-    assert len(fused._blocks(5, 3, 65, 16, x.device)) > 1
+    assert len(fused._blocks(5, 3, 65, 16, x.device)) == {1: 15, 10_000: 10, 40_000: 2}[budget]
     got = _run(layer, x, 'fused')
     assert max(_rel_errors(got, ref)) < 1e-6
 
