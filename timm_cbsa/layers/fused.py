@@ -46,14 +46,14 @@ def _stat_dtype(dt: torch.dtype) -> torch.dtype:
 
 
 def _logits(r_s: torch.Tensor, w: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """s·R Wᵀ in statistics precision (float16 is promoted before the product, like the eager path); written into
-    ``out`` (a reused scratch block) when the precisions agree."""
+    """s·R Wᵀ (L, m, N) in statistics precision (float16 is promoted before the product, like the eager path); written
+    into ``out`` (a reused scratch block, statistics precision) when given."""
     sd = _stat_dtype(w.dtype)
     if w.dtype == torch.float16:
-        return torch.matmul(r_s.to(sd), w.to(sd).transpose(-2, -1))
-    if out is not None and w.dtype == sd:
-        return torch.bmm(r_s, w.transpose(-2, -1), out=out)
-    return torch.matmul(r_s, w.transpose(-2, -1)).to(sd)
+        return torch.bmm(r_s.to(sd), w.to(sd).transpose(-2, -1), out=out)
+    if w.dtype != sd:
+        return torch.bmm(r_s, w.transpose(-2, -1)).to(sd)
+    return torch.bmm(r_s, w.transpose(-2, -1), out=out)
 
 
 def _blocks(B: int, H: int, N: int, m: int, device: torch.device) -> List[Tuple[tuple, bool]]:
@@ -103,6 +103,16 @@ def _scratch(blocks, B: int, H: int, device: torch.device) -> Optional[_Scratch]
     if len(blocks) == 1:
         return None
     return _Scratch(max(_matrices(idx, batched, B, H) for idx, batched in blocks), device)
+
+
+def _prepare(w: torch.Tensor, m: int, step_rep: torch.Tensor, step_x: torch.Tensor):
+    """What forward and backward both start from: the statistics dtype, η and κ as (H, 1, 1) in it, the blocks and
+    their scratch buffers."""
+    B, H, N, _ = w.shape
+    sd = _stat_dtype(w.dtype)
+    blocks = _blocks(B, H, N, m, w.device)
+    eta, kap = step_rep.to(sd).reshape(H, 1, 1), step_x.to(sd).reshape(H, 1, 1)
+    return sd, eta, kap, blocks, _scratch(blocks, B, H, w.device)
 
 
 def _block_tokens(w: torch.Tensor, idx: tuple, scratch: Optional[_Scratch] = None, name: str = 'w'
@@ -188,10 +198,8 @@ class ContractBroadcast(torch.autograd.Function):
     def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str, pool=None):
         B, H, N, d = w.shape
         m = r.shape[-2] if pool is None else pool[1][0] * pool[1][1]
-        dt, sd = w.dtype, _stat_dtype(w.dtype)
-        eta, kap = step_rep.to(sd).reshape(H, 1, 1), step_x.to(sd).reshape(H, 1, 1)
-        blocks = _blocks(B, H, N, m, w.device)
-        scratch = _scratch(blocks, B, H, w.device)
+        dt = w.dtype
+        sd, eta, kap, blocks, scratch = _prepare(w, m, step_rep, step_x)
         out = None if scratch is None else _like_w(w)
         lse = torch.empty(B, H, m, device=w.device, dtype=sd)
         z = torch.empty(B, H, m, d, device=w.device, dtype=sd)
@@ -201,12 +209,12 @@ class ContractBroadcast(torch.autograd.Function):
             r = torch.empty(B, H, m, d, device=w.device, dtype=dt)
         for idx, batched in blocks:
             w4, wb = _block_tokens(w, idx, scratch)                       # (b, h, N, d), (L, N, d)
-            L = wb.shape[0]
+            L, nb = wb.shape[0], w4.shape[0]
             if pool is not None:
                 r[idx] = pool_representatives(w4, *pool).view(r[idx].shape)
             r4 = r[idx] if batched else r[idx][None]
             rb = r4.flatten(0, 1)                                          # Q_ini (L, m, d)
-            eta_b, kap_b = _per_matrix(eta, idx, batched, w4.shape[0]), _per_matrix(kap, idx, batched, w4.shape[0])
+            eta_b, kap_b = _per_matrix(eta, idx, batched, nb), _per_matrix(kap, idx, batched, nb)
             buf = None if scratch is None else scratch.get('s', L, (m, N), sd)
             if lse_impl == 'fused':
                 s = _logits(rb * scale, wb, buf)                           # (L, m, N) statistics precision
@@ -242,10 +250,8 @@ class ContractBroadcast(torch.autograd.Function):
         scale, pool = ctx.scale, ctx.pool
         B, H, N, d = w.shape
         m = r.shape[-2]
-        dt, sd = w.dtype, _stat_dtype(w.dtype)
-        eta, kap = step_rep.to(sd).reshape(H, 1, 1), step_x.to(sd).reshape(H, 1, 1)
-        blocks = _blocks(B, H, N, m, w.device)
-        scratch = _scratch(blocks, B, H, w.device)
+        dt = w.dtype
+        sd, eta, kap, blocks, scratch = _prepare(w, m, step_rep, step_x)
         dw = None if scratch is None else _like_w(w)
         dr = torch.empty(r.shape, device=r.device, dtype=r.dtype) if pool is None else None
         deta = torch.zeros(H, device=w.device, dtype=sd)
@@ -273,8 +279,7 @@ class ContractBroadcast(torch.autograd.Function):
             dz_dt = dz.to(dt)
             if dt == sd:
                 buf = None if scratch is None else scratch.get('da', L, (m, N), sd)
-                da = torch.bmm(ck, gb.transpose(-2, -1), out=buf) if buf is not None else \
-                    torch.bmm(ck, gb.transpose(-2, -1))
+                da = torch.bmm(ck, gb.transpose(-2, -1), out=buf)
                 ds = da.baddbmm_(dz_dt, wb.transpose(-2, -1)).sub_(dd).mul_(a)   # ∂S (L, m, N)
             else:
                 da = torch.bmm(ck.to(dt), gb.transpose(-2, -1)).to(sd) + torch.bmm(dz_dt, wb.transpose(-2, -1)).to(sd)
