@@ -8,23 +8,11 @@ import torch
 from timm_cbsa.layers import backends
 from timm_cbsa.layers.cbsa import CBSA
 
+from backend_checks import rel_errors, run_fwd_bwd  # tests/support
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')]
 HAS_XFORMERS = importlib.util.find_spec('xformers') is not None
-
-
-def _run(layer, x, backend):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    xx = x.detach().clone().requires_grad_()
-    y = layer(xx)
-    g = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype)
-    (y * g).sum().backward()
-    return [y.detach().float(), xx.grad.float()] + [p.grad.float() for p in layer.parameters()]
-
-
-def _rel(a, b):
-    return [((u - v).abs().max() / v.abs().max().clamp_min(1e-12)).item() for u, v in zip(a, b)]
 
 
 def _layer(grid=(14, 14), dim=384, heads=6):
@@ -40,7 +28,7 @@ def test_parity_fp32_cuda(backend):
         pytest.skip('xformers not installed')
     torch.backends.cuda.matmul.allow_tf32 = False
     layer, x = _layer()
-    errs = _rel(_run(layer, x, backend), _run(layer, x, 'eager'))
+    errs = rel_errors(run_fwd_bwd(layer, x, backend), run_fwd_bwd(layer, x, 'eager'))
     print(backend, 'fp32 rel errors', ['%.1e' % e for e in errs])
     assert max(errs) <= 1e-5, errs
 
@@ -50,12 +38,12 @@ def test_parity_bf16_cuda(backend):
     if backend == 'xformers' and not HAS_XFORMERS:
         pytest.skip('xformers not installed')
     layer, x = _layer()
-    ref64 = _run(layer.double(), x.double(), 'eager')
+    ref64 = run_fwd_bwd(layer.double(), x.double(), 'eager')
     layer = layer.bfloat16()
-    eager = _run(layer, x.bfloat16(), 'eager')
-    got = _run(layer, x.bfloat16(), backend)
-    vs_eager = _rel(got[:2], eager[:2])
-    vs_ref = _rel(got, ref64)
+    eager = run_fwd_bwd(layer, x.bfloat16(), 'eager')
+    got = run_fwd_bwd(layer, x.bfloat16(), backend)
+    vs_eager = rel_errors(got[:2], eager[:2])
+    vs_ref = rel_errors(got, ref64)
     print(backend, 'bf16 vs eager', ['%.1e' % e for e in vs_eager], 'vs fp64', ['%.1e' % e for e in vs_ref])
     assert max(vs_eager) <= 2e-2, vs_eager
     for i, e in enumerate(vs_ref):   # 4, 5: per-head step-size gradients (sums with cancellation)
@@ -81,14 +69,14 @@ def test_compile_inductor_fullgraph_cuda(backend):
     layer, x = _layer()
     layer = layer.bfloat16()
     x = x.bfloat16()
-    ref = _run(layer, x, backend)
+    ref = run_fwd_bwd(layer, x, backend)
     layer.backend = backend
     compiled = torch.compile(layer, fullgraph=True)
     xx = x.clone().requires_grad_()
     y = compiled(xx)
     g = torch.linspace(-1, 1, y.numel(), device=y.device).reshape(y.shape).to(y.dtype)
     (y * g).sum().backward()
-    assert max(_rel([y.float(), xx.grad.float()], ref[:2])) <= 2e-2
+    assert max(rel_errors([y.float(), xx.grad.float()], ref[:2])) <= 2e-2
 
 
 def test_saved_memory_cuda_below_flash_sdpa():

@@ -17,21 +17,9 @@ from timm_cbsa.layers.backends import (BACKENDS, fused_contract_and_broadcast, g
 from timm_cbsa.layers.fused import ContractBroadcast
 from timm_cbsa.layers.cbsa import CBSA
 
+from backend_checks import rel_errors, run_fwd_bwd  # tests/support
+
 FUSED = [b for b in BACKENDS if b != 'eager']
-
-
-def _run(layer, x, backend):
-    layer.backend = backend
-    layer.zero_grad(set_to_none=True)
-    xx = x.detach().clone().requires_grad_()
-    y = layer(xx)
-    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float32).reshape(y.shape).to(y.dtype)
-    (y * g).sum().backward()
-    return [y.detach().float(), xx.grad.float()] + [p.grad.float() for p in layer.parameters()]
-
-
-def _rel_errors(a, b):
-    return [((u - v).abs().max() / v.abs().max().clamp_min(1e-12)).item() for u, v in zip(a, b)]
 
 
 def _layer(grid, rep, prefix, dim=64, heads=4):
@@ -44,14 +32,14 @@ def _layer(grid, rep, prefix, dim=64, heads=4):
 
 
 CASES = [((14, 14), 8, 1), ((5, 7), (2, 3), 0), ((6, 6), 4, 2), ((8, 12), (4, 6), 1)]   # the last: equal windows
-STEP_GRADS = (4, 5)   # indices of ∂step_rep, ∂step_x in _run's list (out, dx, qkv.w, qkv.b, step_rep, step_x, ...)
+STEP_GRADS = (4, 5)   # indices of ∂step_rep, ∂step_x in run_fwd_bwd's list (out, dx, qkv.w, qkv.b, step_rep, step_x, ...)
 
 
 @pytest.mark.parametrize('backend', FUSED)
 @pytest.mark.parametrize('grid,rep,prefix', CASES)
 def test_parity_fp32(backend, grid, rep, prefix):
     layer, x = _layer(grid, rep, prefix)
-    errs = _rel_errors(_run(layer, x, backend), _run(layer, x, 'eager'))
+    errs = rel_errors(run_fwd_bwd(layer, x, backend), run_fwd_bwd(layer, x, 'eager'))
     assert max(errs) <= 1e-5, f'{backend}: max relative errors (out, dx, params...) {errs}'
 
 
@@ -62,13 +50,13 @@ def test_parity_bf16(backend, grid, rep, prefix):
     two per-head step-size gradients (a sum over B·m·d products with cancellation: eager bf16 itself is ~9 % off
     there), held to ≤ 5e-2."""
     layer, x = _layer(grid, rep, prefix)
-    ref64 = _run(layer.double(), x.double(), 'eager')
+    ref64 = run_fwd_bwd(layer.double(), x.double(), 'eager')
     layer = layer.bfloat16()
-    eager = _run(layer, x.bfloat16(), 'eager')
-    got = _run(layer, x.bfloat16(), backend)
-    vs_eager = _rel_errors(got[:2], eager[:2])
+    eager = run_fwd_bwd(layer, x.bfloat16(), 'eager')
+    got = run_fwd_bwd(layer, x.bfloat16(), backend)
+    vs_eager = rel_errors(got[:2], eager[:2])
     assert max(vs_eager) <= 2e-2, f'{backend} vs eager bf16: {vs_eager}'
-    vs_ref = _rel_errors(got, ref64)
+    vs_ref = rel_errors(got, ref64)
     for i, e in enumerate(vs_ref):
         assert e <= (5e-2 if i in STEP_GRADS else 2e-2), f'{backend} vs float64: {vs_ref}'
 
@@ -120,7 +108,7 @@ def test_legacy_pool_fused_matches_eager():
     torch.manual_seed(0)
     layer = CBSA(64, 4, grid_size=(8, 8), rep_grid=4, legacy_pool=True)
     x = torch.randn(2, 65, 64)
-    assert max(_rel_errors(_run(layer, x, 'fused'), _run(layer, x, 'eager'))) <= 1e-5
+    assert max(rel_errors(run_fwd_bwd(layer, x, 'fused'), run_fwd_bwd(layer, x, 'eager'))) <= 1e-5
 
 
 @pytest.mark.parametrize('budget', [1, 10_000, 40_000])
@@ -130,11 +118,11 @@ def test_blocking_matches_unblocked(monkeypatch, budget):
     torch.manual_seed(0)
     layer = CBSA(48, 3, grid_size=(8, 8), rep_grid=4, num_prefix_tokens=1)
     x = torch.randn(5, 65, 48)
-    ref = _run(layer, x, 'fused')
+    ref = run_fwd_bwd(layer, x, 'fused')
     monkeypatch.setattr(fused, '_BLOCK_BYTES', budget)
     assert len(fused._blocks(5, 3, 65, 16, x.device)) == {1: 15, 10_000: 10, 40_000: 2}[budget]
-    got = _run(layer, x, 'fused')
-    assert max(_rel_errors(got, ref)) < 1e-6
+    got = run_fwd_bwd(layer, x, 'fused')
+    assert max(rel_errors(got, ref)) < 1e-6
 
 
 def test_autocast_bf16_matches_eager():
@@ -142,10 +130,10 @@ def test_autocast_bf16_matches_eager():
     precision itself, matches the eager path within bf16 tolerance and returns the same dtype."""
     layer, x = _layer((6, 6), 4, 1)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        eager = _run(layer, x, 'eager')
-        got = _run(layer, x, 'fused')
+        eager = run_fwd_bwd(layer, x, 'eager')
+        got = run_fwd_bwd(layer, x, 'fused')
     assert got[0].dtype == eager[0].dtype
-    errs = _rel_errors(got, eager)
+    errs = rel_errors(got, eager)
     assert max(errs) <= 5e-2, errs
 
 
@@ -229,12 +217,12 @@ def test_xformers_falls_back_on_cpu_with_one_logged_reason(caplog):
     layer = CBSA(32, 2, grid_size=(4, 4), rep_grid=2)
     x = torch.randn(2, 17, 32)
     with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):
-        ref = _run(layer, x, 'sdpa')
-        got = _run(layer, x, 'xformers')
-        _run(layer, x, 'xformers')
+        ref = run_fwd_bwd(layer, x, 'sdpa')
+        got = run_fwd_bwd(layer, x, 'xformers')
+        run_fwd_bwd(layer, x, 'xformers')
     msgs = [r.getMessage() for r in caplog.records if 'xformers' in r.getMessage()]
     assert len(msgs) == 1 and 'falling back to sdpa' in msgs[0], msgs
-    assert max(_rel_errors(got, ref)) == 0
+    assert max(rel_errors(got, ref)) == 0
     assert backends.xformers_status('cpu', torch.float32, 16) is None
 
 
