@@ -1,0 +1,81 @@
+"""Checkpoint on preemption: turn the scheduler's warning signal into a checkpoint at the next step boundary.
+
+SLURM sends a signal some time before it preempts or times out a job (``--signal=USR2@120`` as submitit asks for it;
+SIGTERM on preemption or ``scancel``). Saving inside a signal handler would catch the model in the middle of an
+optimizer step, so the handler only raises a flag; the training loop looks at the flag (a plain Python bool: no device
+sync) after each optimizer step, writes its mid-epoch checkpoint, and then calls :meth:`PreemptionHandler.finish`,
+which hands the signal to whatever handler was installed before ours (submitit's: ``checkpoint()`` + requeue + exit)
+or, where there was none, re-raises it with its default action. At most the current step is lost.
+
+    handler = preempt.install()          # in the trainer, once, in the main thread
+    ...
+    if handler.requested:                # after an optimizer step
+        save_checkpoint(...)
+        handler.finish()                 # does not return where the signal's old action ends the process
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable, Dict, Optional, Sequence, Union
+
+__all__ = ['PreemptionHandler', 'install', 'DEFAULT_SIGNALS']
+
+DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, 'SIGUSR2', None), signal.SIGTERM) if s is not None)
+
+_Handler = Union[Callable, int, None]
+
+
+class PreemptionHandler:
+    """Records the first preemption signal; see the module docstring."""
+
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
+        self.signals = tuple(signals)
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, _Handler] = {}
+        self._installed = False
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def install(self) -> 'PreemptionHandler':
+        if self._installed:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError('preempt.install() must run in the main thread (Python delivers signals there).')
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._on_signal)
+        self._installed = True
+        return self
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back (the run ended normally)."""
+        if not self._installed:
+            return
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._installed = False
+
+    def finish(self) -> None:
+        """After the checkpoint is written: let the signal do what it would have done without us."""
+        signum = self.signum
+        if signum is None:
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.uninstall()
+        if callable(previous):
+            previous(signum, None)            # e.g. submitit: checkpoint() -> requeue -> exit
+        elif previous in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signum)      # default action (terminate) now that the checkpoint is safe
+        # SIG_IGN: the signal was ignored before us; keep going
+
+
+def install(signals: Sequence[int] = DEFAULT_SIGNALS) -> PreemptionHandler:
+    """Install a :class:`PreemptionHandler` for ``signals`` (USR2 and TERM by default) and return it."""
+    return PreemptionHandler(signals).install()
