@@ -21,7 +21,10 @@ from .layers.family import (  # noqa: E402  (the CBSA family: 'cbsa_star', 'agen
 
 _ATTN_LAYERS.update(FAMILY_ATTN_LAYERS)
 
-from .models import CheckpointMismatchError, configure_cbsa, load_official_cbt  # noqa: E402  (registers models)
+from .models import (  # noqa: E402  (registers models)
+    CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError, configure_cbsa, load_official_cbt,
+    read_state_dict,
+)
 
 from .convert import (  # noqa: E402  (after the models: convert uses configure_cbsa / CheckpointMismatchError)
     ConversionReport, UnsupportedModelError, attention_kind, convert, create_with_attention, load_converted,

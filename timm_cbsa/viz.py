@@ -54,11 +54,7 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
             torch.manual_seed(seed)
             return timm.create_model(name, **kwargs).eval()
     if checkpoint:
-        state = torch.load(checkpoint, map_location='cpu', weights_only=False)
-        sd = state
-        for key in ('state_dict', 'model', 'model_state_dict', 'module'):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
+        state = sd = timm_cbsa.read_state_dict(checkpoint)    # weights only (never unpickles code); errors name the file
         official = any(k.split('module.', 1)[-1].startswith(('transformer.layers.', 'to_patch_embedding')) for k in sd)
         if official:
             variant = name if name.startswith('cbt_') else None

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
+from ._checkpoint import read_state_dict
 from ._helpers import configure_cbsa, pop_cbsa_kwargs
 
 __all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
@@ -286,10 +287,14 @@ def load_official_cbt(
     """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on
     (unless ``legacy_pool=False`` is passed).
 
+    A path is read with ``weights_only=True`` (``read_state_dict``): a file that needs any type beyond tensors and
+    plain containers is refused with ``UnsafeCheckpointError``; a missing, empty or corrupt file raises
+    ``CheckpointLoadError`` naming it.
+
     ``variant`` (cbt_tiny/small/base/large) is inferred from the checkpoint's width and depth when omitted.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=False)
+        checkpoint = read_state_dict(checkpoint)      # weights only: a checkpoint cannot run code (see _checkpoint.py)
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in _unwrap(checkpoint).items()}
     if variant is None:
         width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
