@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for the job; print its result, or its traceback and exit 1 if it failed")
     g.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION",
                    help="training entry point called with the training argv (default train.train:main)")
+    g.add_argument("--no-data-check", dest="data_check", action="store_false", default=True,
+                   help="do not check before submitting that the data folder exists (for data that exist only "
+                        "on the compute nodes); the other training-flag checks still run")
     g.add_argument("--script", default=None, metavar="PATH",
                    help="run a training script by path instead of --entry, e.g. timm's train.py (run in the job "
                         "process as __main__ with the training argv; --output/--experiment/--resume are managed "
@@ -196,14 +199,17 @@ def _rejected(e: BaseException) -> LaunchError:
     return LaunchError(f"training flags rejected: {type(e).__name__}: {e}; nothing was submitted")
 
 
-def validate_train_argv(entry: str, train_argv: Sequence[str]) -> None:
+def validate_train_argv(entry: str, train_argv: Sequence[str], check_paths: bool = True) -> None:
     """Run the entry point's own argument parsing and validation; raise LaunchError if it rejects the flags.
 
     Parses with ``<module>.parse_args`` if the module has one (it also checks --config files), else
     ``<module>.build_parser().parse_args``; then calls ``<module>.validate_args(args)`` when the module has it
     (the trainer's full check: model name registered, data folder present, positive numbers, ...), so a bad
-    job is refused before it waits in the queue. Entry modules with neither parser are not validated.
+    job is refused before it waits in the queue (``check_paths=False``: not the data folder, where the
+    validator takes that switch). Entry modules with neither parser are not validated.
     """
+    import inspect
+
     mod_name = entry.split(":", 1)[0]
     try:
         mod = importlib.import_module(mod_name)
@@ -219,7 +225,11 @@ def validate_train_argv(entry: str, train_argv: Sequence[str]) -> None:
     try:
         args = parse(list(train_argv))
         if validate is not None:
-            validate(args)
+            try:
+                takes_switch = "check_paths" in inspect.signature(validate).parameters
+            except (TypeError, ValueError):
+                takes_switch = False
+            validate(args, check_paths=check_paths) if takes_switch else validate(args)
     except SystemExit as e:
         if e.code in (0, None):
             raise  # --help of the training parser: exit quietly like argparse
@@ -239,7 +249,7 @@ def _load_script(path: str) -> Dict[str, Any]:
         sys.path.pop(0)
 
 
-def validate_script_argv(script: str, train_argv: Sequence[str]) -> None:
+def validate_script_argv(script: str, train_argv: Sequence[str], check_paths: bool = True) -> None:
     """Check a --script's flags before submitting, where the script lets us.
 
     A script with a ``_parse_args()`` / ``parse_args()`` that reads ``sys.argv`` (timm's train.py has
@@ -290,7 +300,8 @@ def validate_script_argv(script: str, train_argv: Sequence[str]) -> None:
             hint = "" if "timm_cbsa" in modules else " (timm_cbsa's models need --device-modules timm_cbsa)"
             raise LaunchError(f"--model {model}: no such timm model{hint}; nothing was submitted")
     data_dir = getattr(args, "data_dir", None)
-    if isinstance(data_dir, str) and data_dir and "://" not in data_dir and not os.path.isdir(data_dir):
+    if check_paths and isinstance(data_dir, str) and data_dir and "://" not in data_dir and \
+            not os.path.isdir(data_dir):
         raise LaunchError(f"--data-dir {data_dir}: no such folder; nothing was submitted")
 
 
@@ -567,9 +578,9 @@ def prepare(argv: Sequence[str]):
     """Parse + validate; returns (launcher args, executor, Trainer). Nothing is submitted."""
     a, train_argv = split_argv(argv)
     if a.script is not None:
-        validate_script_argv(a.script, train_argv)
+        validate_script_argv(a.script, train_argv, check_paths=a.data_check)
     else:
-        validate_train_argv(a.entry, train_argv)
+        validate_train_argv(a.entry, train_argv, check_paths=a.data_check)
     job_dir = os.path.abspath(os.path.expanduser(a.job_dir))
     if "%j" not in job_dir:
         print(f"[slurm.launch] warning: --job-dir {job_dir} has no %j: jobs will share it", file=sys.stderr)

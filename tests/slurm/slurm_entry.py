@@ -67,9 +67,9 @@ def parse_args(argv: List[str]):
     return _parse_args(argv)
 
 
-def validate_args(args) -> None:
+def validate_args(args, check_paths: bool = True) -> None:
     """The trainer's full argument validation (when train.train has it), for the same reason."""
     import train.train as tt
 
     if hasattr(tt, "validate_args"):
-        tt.validate_args(args)
+        tt.validate_args(args, check_paths=check_paths)

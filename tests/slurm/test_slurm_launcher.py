@@ -233,3 +233,39 @@ def test_script_runs_in_the_job_process_and_exit_status_is_kept(tmp_path, monkey
     job = launch.submit([*common, "--job-dir", str(tmp_path / "b" / "%j"), "--fail"])
     with pytest.raises(Exception, match="exited with status 3"):
         job.results()
+
+
+# ---------------------------------------------------------------------------- issue 16.5: full validation first
+
+@pytest.mark.parametrize("flags, names", [
+    (["--epochs", "0"], ["--epochs"]),
+    (["--batch-size", "-4"], ["--batch-size"]),
+    (["--model", "no_such_model_xyz"], ["no_such_model_xyz"]),
+    (["--data-dir", "/nonexistent/cbsa-data"], ["/nonexistent/cbsa-data"]),
+], ids=["epochs0", "negative-batch", "unknown-model", "missing-data-dir"])
+def test_dry_run_refuses_invalid_training_flags(tmp_path, flags, names):
+    """`python -m slurm.launch --dry-run` runs the trainer's full validation: non-zero exit, the flag named,
+    no sbatch script printed, nothing written."""
+    job_dir = tmp_path / "jobs"
+    cmd = [sys.executable, "-m", "slurm.launch", "--dry-run", "--gpus-per-node", "0", "--job-dir",
+           str(job_dir / "%j"), *TINY, *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+                       env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "#SBATCH" not in r.stdout
+    for n in names:
+        assert n in r.stderr, r.stderr
+    assert "nothing was submitted" in r.stderr
+    assert not job_dir.exists()
+
+
+def test_dry_run_valid_flags_pass_and_data_check_can_be_skipped(tmp_path, capsys):
+    base = ["--dry-run", "--gpus-per-node", "0", "--job-dir", str(tmp_path / "%j")]
+    assert launch.main([*base, *TINY]) == 0
+    assert "#SBATCH" in capsys.readouterr().out
+    # data only on the compute nodes: --no-data-check skips the folder check, not the others
+    assert launch.main([*base, "--no-data-check", *TINY, "--data-dir", "/nonexistent/cbsa-data"]) == 0
+    capsys.readouterr()
+    assert launch.main([*base, "--no-data-check", *TINY, "--data-dir", "/nonexistent/cbsa-data",
+                        "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
