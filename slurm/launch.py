@@ -374,6 +374,12 @@ def finalize_script_argv(train_argv: Sequence[str], output_dir: str, job_id: str
     return argv, run_dir, newest
 
 
+def _preempt_signals() -> Tuple[int, ...]:
+    """Preemption signals the trainer's handler (train.preempt) caught in this process, if it is loaded."""
+    mod = sys.modules.get("train.preempt")
+    return tuple(mod.signals_received()) if mod is not None and hasattr(mod, "signals_received") else ()
+
+
 def resolve_entry(entry: str) -> Callable[[List[str]], Any]:
     mod_name, fn_name = entry.split(":", 1)
     return getattr(importlib.import_module(mod_name), fn_name)
@@ -468,9 +474,11 @@ class Trainer:
             return None
 
     def _check_exit(self, e: SystemExit, what: str) -> None:
-        """sys.exit inside the training code: submitit's own exit after a requeue passes through; exit 0 is a
-        normal end; any other status fails the job with a traceback (instead of an output-less dead task)."""
-        if self._requeued:
+        """sys.exit inside the training code. It passes through, leaving no result, after a preemption / time-out
+        signal: submitit's own exit after the requeue, or the trainer leaving after its signal-time checkpoint
+        (a result pickle would make the submitter think the requeued job had finished). Otherwise exit 0 is a
+        normal end and any other status fails the job with a traceback (instead of an output-less dead task)."""
+        if self._requeued or _preempt_signals():
             raise e
         if e.code not in (0, None):
             raise RuntimeError(f"{what} exited with status {e.code}") from e

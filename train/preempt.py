@@ -18,13 +18,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ['PreemptionHandler', 'install', 'DEFAULT_SIGNALS']
+__all__ = ['PreemptionHandler', 'install', 'signals_received', 'DEFAULT_SIGNALS']
 
 DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, 'SIGUSR2', None), signal.SIGTERM) if s is not None)
 
 _Handler = Union[Callable, int, None]
+
+# every preemption signal any handler of this process caught, for code around the trainer: the SLURM launcher's
+# job callable must not report a result when the trainer leaves after a signal (the job is being requeued)
+_RECEIVED: List[int] = []
+
+
+def signals_received() -> Tuple[int, ...]:
+    """The preemption signals caught in this process so far (by any :class:`PreemptionHandler`), in order."""
+    return tuple(_RECEIVED)
 
 
 class PreemptionHandler:
@@ -46,6 +55,8 @@ class PreemptionHandler:
             self.signum = signum
         if signum not in self.received:      # e.g. SIGTERM then USR2 (submitit's job._interrupt(), a
             self.received.append(signum)     # preemption with preempt_send_user_signal): both are replayed
+        if signum not in _RECEIVED:
+            _RECEIVED.append(signum)
 
     def install(self) -> 'PreemptionHandler':
         if self._installed:

@@ -92,3 +92,14 @@ def test_default_action_terminates_after_the_checkpoint(tmp_path):
     assert "alive after signal True" in r.stdout
     assert "not reached" not in r.stdout
     assert r.returncode == -signal.SIGTERM, (r.returncode, r.stderr)
+
+
+def test_signals_received_is_process_wide(fake_submitit_handlers):
+    """slurm.launch reads it to leave without a result after a signal-time checkpoint (the job is requeued)."""
+    before = preempt.signals_received()
+    h = preempt.install()
+    _deliver(signal.SIGUSR2)
+    h.finish()
+    assert signal.SIGUSR2 in preempt.signals_received()
+    assert preempt.signals_received()[: len(before)] == before
+    preempt._RECEIVED[:] = list(before)  # leave the process as it was for other tests

@@ -269,3 +269,22 @@ def test_dry_run_valid_flags_pass_and_data_check_can_be_skipped(tmp_path, capsys
     assert launch.main([*base, "--no-data-check", *TINY, "--data-dir", "/nonexistent/cbsa-data",
                         "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err
+
+
+def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
+    """A trainer that leaves with sys.exit after its signal-time checkpoint (or submitit's exit after the requeue)
+    must not produce a result: submitit would report the requeued job as finished."""
+    from train import preempt
+
+    t = launch.Trainer("x:y", [], "/tmp/%j")
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        t._check_exit(SystemExit(3), "x:y")
+    assert t._check_exit(SystemExit(0), "x:y") is None  # a normal end
+    monkeypatch.setattr(preempt, "_RECEIVED", [15])
+    with pytest.raises(SystemExit):
+        t._check_exit(SystemExit(0), "x:y")
+    monkeypatch.setattr(preempt, "_RECEIVED", [])
+    t.checkpoint()  # what submitit calls on global rank 0 before its sys.exit(-1)
+    with pytest.raises(SystemExit):
+        t._check_exit(SystemExit(-1), "x:y")
+    assert pickle.loads(pickle.dumps(t))._requeued is False

@@ -131,3 +131,40 @@ def test_timm_train_py_runs_by_path_and_resumes(slurm_cluster, in_repo_root, tmp
     assert len(resumed) >= 2 and all(r == str(run_dir / "last.pth.tar") for r in resumed), log[-3000:]
     assert epochs == list(range(len(epochs))), epochs  # no epoch trained twice, none skipped
     assert "Caught signal SIGUSR2" in log and "Requeued job" in log, log[-3000:]
+
+
+def test_script_by_path_is_requeued_and_resumed_from_its_run_folder(slurm_cluster, in_repo_root, tmp_path):
+    """--script with this repository's trainer run as a plain script (tests/slurm/train_script.py; runs in CI where
+    timm's train.py is absent): the job is requeued on preemption through the launcher's checkpointable wrapper
+    and the restarted script gets ``--resume <run folder>/last.pth.tar``, the checkpoint written at the signal."""
+    from tests.slurm.test_slurm_cluster import TRAIN, _resumed_steps, _signal_ckpt_steps, _steps_logged
+
+    script = str(in_repo_root / "tests" / "slurm" / "train_script.py")
+    argv = [*_common(slurm_cluster, tmp_path / "%j"), "--nodes", "1", "--tasks-per-node", "1", "--script", script,
+            *TRAIN, "--max-train-samples", "1024", "--max-steps", "20", "--checkpoint-interval-steps", "0",
+            "--debug-step-delay", "0.7"]
+    t0 = time.time()
+    job = launch.submit(argv)
+    folder = Path(str(job.paths.folder))
+    run_dir = folder / "train"  # --output <job folder> --experiment train, added by the launcher
+
+    def logged_step():
+        p = run_dir / "log.txt"
+        steps = _steps_logged(p.read_text(errors="replace")) if p.exists() else []
+        return max(steps) if steps else 0
+
+    _wait_for(lambda: logged_step() >= 4, 240, "step >= 4", folder=folder)
+    job._interrupt()
+    try:
+        results = job.results()
+    except Exception as e:
+        raise AssertionError(f"job {job.job_id} failed: {e}\n{_log_tail(folder)}") from e
+    log = (run_dir / "log.txt").read_text(errors="replace")
+    saved, resumed = _signal_ckpt_steps(log), _resumed_steps(log)
+    print(f"--script train_script.py: job {job.job_id} checkpoint at step {saved}, resumed at {resumed}, "
+          f"{time.time() - t0:.1f}s")
+    assert len(results) == 1 and results[0]["restart"] == 1, results
+    assert results[0]["resumed_from"] == str(run_dir / "last.pth.tar"), results
+    assert results[0]["argv"][-2:] == ["--resume", str(run_dir / "last.pth.tar")]
+    assert len(saved) == 1 and resumed == saved, log[-3000:]
+    assert re.search(rf"Resumed from {re.escape(str(run_dir / 'last.pth.tar'))}", log), log[-3000:]
