@@ -164,7 +164,8 @@ def test_script_by_path_is_requeued_and_resumed_from_its_run_folder(slurm_cluste
     print(f"--script train_script.py: job {job.job_id} checkpoint at step {saved}, resumed at {resumed}, "
           f"{time.time() - t0:.1f}s")
     assert len(results) == 1 and results[0]["restart"] == 1, results
-    assert results[0]["resumed_from"] == str(run_dir / "last.pth.tar"), results
-    assert results[0]["argv"][-2:] == ["--resume", str(run_dir / "last.pth.tar")]
+    ckpt = results[0]["resumed_from"]  # the newest checkpoint of the run folder: the signal-time one
+    assert ckpt and Path(ckpt).parent == run_dir and Path(ckpt).exists(), results
+    assert results[0]["argv"][-2:] == ["--resume", ckpt]
     assert len(saved) == 1 and resumed == saved, log[-3000:]
-    assert re.search(rf"Resumed from {re.escape(str(run_dir / 'last.pth.tar'))}", log), log[-3000:]
+    assert re.search(rf"Resumed from {re.escape(ckpt)}\b.*global step {saved[0]}\b", log), log[-3000:]
