@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from train.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint_file  # noqa: E402
 from train.train import (  # noqa: E402
     ConfigError, ModelNotFoundError, NonFiniteLossError, build_parser, main, parse_args,
 )
@@ -71,7 +71,8 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
 def test_max_steps_and_experiment_subdir(tmp_path):
     res = main(TINY + ["--epochs", "5", "--max-steps", "5", "--output", str(tmp_path), "--experiment", "e1"])
     assert res["step"] == 5 and res["epoch"] == 0
-    ck = load_checkpoint_file(str(tmp_path / "e1" / "last.pth.tar"))
+    path, ck = find_resume_checkpoint(str(tmp_path / "e1"))
+    assert path.endswith("recovery-0-5.pth.tar")  # mid-epoch: timm's recovery checkpoint
     assert ck["global_step"] == 5 and not ck["epoch_complete"] and ck["batches_done"] == 5
     # continue with a larger budget: the global step continues from 5
     res = main(TINY + ["--epochs", "5", "--max-steps", "12", "--output", str(tmp_path), "--experiment", "e1",
@@ -88,7 +89,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"Non-finite loss .* optimizer step 6.*last good checkpoint"):
         main(TINY + ["--epochs", "3", "--output", str(tmp_path), "--checkpoint-interval-steps", "2",
                      "--debug-nan-at-step", "6"])
-    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    ck = find_resume_checkpoint(str(tmp_path))[1]
     assert ck["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
 
@@ -103,7 +104,8 @@ def test_missing_and_malformed_data_dir(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         main(base + ["--dataset", "", "--data-dir", str(tmp_path / "nope")])
     (tmp_path / "d" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DatasetNotFoundError, match="no image files"):
+    (tmp_path / "d" / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="train/cat' has no image files"):
         main(base + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "d")])
     with pytest.raises(DatasetNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         main(base + ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "empty")])
@@ -112,7 +114,7 @@ def test_missing_and_malformed_data_dir(tmp_path):
 def test_incompatible_or_corrupt_checkpoint(tmp_path):
     main(TINY + ["--epochs", "1", "--output", str(tmp_path / "a")])
     other = [a if a != "embed_dim=32" else "embed_dim=48" for a in TINY]
-    with pytest.raises(CheckpointError, match="incompatible with model 'cbsa_vit_tiny'.*shape mismatch"):
+    with pytest.raises(CheckpointError, match=r"built differently.*--model-kwargs embed_dim=32 \(this run: embed_dim=48\)"):
         main(other + ["--epochs", "2", "--output", str(tmp_path / "b"),
                       "--resume", str(tmp_path / "a" / "last.pth.tar")])
     bad = tmp_path / "bad.pth.tar"
