@@ -5,8 +5,10 @@
         --model cbsa_vit_base --dataset imagenet --data-dir /datasets/imagenet --epochs 300 ...
 
 Launcher flags are listed by ``--help``; every other flag is a training flag and goes, unchanged, to
-``train.train.main`` (a ``--`` separator is optional). Training flags are validated with the trainer's own
-parser *before* anything is submitted.
+``train.train.main`` (a ``--`` separator is optional). Training flags are checked with the trainer's own parser
+and ``train.train.validate_args`` (model registered, data folder present, positive numbers) *before* anything is
+submitted, and by ``--dry-run``. ``--script PATH`` runs a training script by path instead (timm's train.py:
+``--device-modules timm_cbsa``; see :func:`finalize_script_argv` for its run folder and resume).
 
 How a job runs
   * one SLURM task per GPU (``--ntasks-per-node = --gpus-per-node``; ``--tasks-per-node`` for CPU jobs);
@@ -16,10 +18,12 @@ How a job runs
     task sees all GPUs of its node and the trainer picks ``cuda:LOCAL_RANK`` (NCCL) — or gloo on CPU;
   * training output (checkpoints, logs) goes to the job folder (``--job-dir``, ``%j`` = job id) unless
     ``--output`` is given, and ``--resume auto`` is added unless ``--resume`` is given;
-  * the submitted callable (:class:`Trainer`) is checkpointable: on timeout / preemption (USR2) rank 0
-    requeues the job with the *same* arguments, and the new run resumes from the newest checkpoint it finds in
-    the output folder (nothing about a specific checkpoint file is pickled). ``scontrol requeue`` restarts
-    the same pickle and therefore resumes the same way;
+  * preemption / time limit: the trainer (train/preempt.py) catches SIGTERM / USR2, writes a checkpoint at the
+    next step boundary and then hands the signals to submitit's handlers (installed in the job process before
+    the trainer starts), where global rank 0 calls :meth:`Trainer.checkpoint` and requeues the job with the
+    *same* arguments; the new run resumes from the newest checkpoint it finds in the output folder (nothing
+    about a specific checkpoint file is pickled). ``scontrol requeue`` (SIGTERM, then SLURM's own requeue)
+    restarts the same pickle and therefore resumes the same way;
   * an exception makes the job FAILED (non-zero exit); with ``--wait`` the launcher prints the remote
     traceback and exits 1.
 
