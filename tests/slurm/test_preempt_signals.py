@@ -17,6 +17,12 @@ from train import preempt
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="needs POSIX signals")
 
 
+@pytest.fixture(autouse=True)
+def _keep_process_record(monkeypatch):
+    """preempt.signals_received() is process-wide: these deliberate signals must not leak into other tests."""
+    monkeypatch.setattr(preempt, "_RECEIVED", [])
+
+
 @pytest.fixture
 def fake_submitit_handlers():
     """Bind TERM / USR2 like submitit's JobEnvironment._handle_signals does; restore afterwards."""
@@ -96,10 +102,12 @@ def test_default_action_terminates_after_the_checkpoint(tmp_path):
 
 def test_signals_received_is_process_wide(fake_submitit_handlers):
     """slurm.launch reads it to leave without a result after a signal-time checkpoint (the job is requeued)."""
-    before = preempt.signals_received()
+    assert preempt.signals_received() == ()
     h = preempt.install()
     _deliver(signal.SIGUSR2)
+    _deliver(signal.SIGTERM)
     h.finish()
-    assert signal.SIGUSR2 in preempt.signals_received()
-    assert preempt.signals_received()[: len(before)] == before
-    preempt._RECEIVED[:] = list(before)  # leave the process as it was for other tests
+    h2 = preempt.install()
+    _deliver(signal.SIGTERM)
+    h2.finish()
+    assert preempt.signals_received() == (signal.SIGUSR2, signal.SIGTERM)

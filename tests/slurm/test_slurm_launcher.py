@@ -110,7 +110,7 @@ def test_local_mode_runs_the_same_code_without_slurm(tmp_path, monkeypatch):
     folder = Path(str(job.paths.folder))
     hashes = {json.loads(f.read_text())["weights_sha256"] for f in folder.glob("weights_rank*.json")}
     assert len(hashes) == 1 and None not in hashes
-    assert (folder / "last.pth.tar").exists() or list(folder.glob("checkpoint-*.pth.tar"))
+    assert launch.find_newest_checkpoint(str(folder)) is not None, sorted(p.name for p in folder.iterdir())
 
 
 # ---------------------------------------------------------------------------- --script (timm's train.py & co)
@@ -276,6 +276,7 @@ def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
     must not produce a result: submitit would report the requeued job as finished."""
     from train import preempt
 
+    monkeypatch.setattr(preempt, "_RECEIVED", [])
     t = launch.Trainer("x:y", [], "/tmp/%j")
     with pytest.raises(RuntimeError, match="exited with status 3"):
         t._check_exit(SystemExit(3), "x:y")
