@@ -251,3 +251,35 @@ def test_missing_training_flags_not_submitted(slurm_cluster, in_repo_root, tmp_p
     assert not job_dir.exists() or not any(job_dir.rglob("*.pkl"))
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
     assert set(after) <= set(before)
+
+
+@pytest.mark.slow
+def test_real_time_limit_signal_checkpoints_and_requeues(slurm_cluster, in_repo_root, tmp_path):
+    """The time-limit path as SLURM drives it: ``--timeout 3 --signal-delay-s 60`` makes slurmctld send USR2 about a
+    minute before the limit (its time-limit check runs every ~30 s); the trainer checkpoints at the next step,
+    submitit sees a *time-out* (wall time vs --timeout) and requeues with one time-out fewer left; the next run
+    resumes at the signalled step. The job would run for minutes, so the test cancels it after the resume."""
+    argv = [*_common(slurm_cluster, tmp_path / "%j"), "--timeout", "3", "--signal-delay-s", "60", "--nodes", "1",
+            "--tasks-per-node", "1", "--entry", ENTRY, *TRAIN, "--max-train-samples", "4096", "--max-steps", "400",
+            "--checkpoint-interval-steps", "0", "--debug-step-delay", "1.0"]
+    t0 = time.time()
+    job = launch.submit(argv)
+    folder = Path(str(job.paths.folder))
+
+    def resumed():
+        log = folder / "log.txt"
+        return _resumed_steps(log.read_text(errors="replace")) if log.exists() else []
+
+    try:
+        _wait_for(lambda: resumed() and _max_step(folder) > resumed()[-1], 400, "a resumed run past its first step",
+                  poll=2, folder=folder)
+    finally:
+        subprocess.run(["scancel", str(job.job_id)], capture_output=True)
+    log_text = (folder / "log.txt").read_text(errors="replace")
+    saved = _signal_ckpt_steps(log_text)
+    err0 = "".join(p.read_text(errors="replace") for p in folder.glob(f"{job.job_id}_0_log.*"))
+    print(f"time limit: job {job.job_id} checkpoint at step {saved}, resumed at {resumed()}, "
+          f"{time.time() - t0:.1f}s")
+    assert "Caught signal SIGUSR2" in err0 and "this job is timed-out" in err0, err0[-3000:]
+    assert re.search(r"Requeued job \d+ \(29 remaining timeouts\)", err0), err0[-3000:]
+    assert saved and resumed()[0] == saved[0] > 0, log_text[-3000:]
