@@ -355,6 +355,9 @@ def validate_args(args: argparse.Namespace, check_paths: bool = True) -> None:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise ConfigError("--log-tensorboard needs the tensorboard package: pip install tensorboard.") from None
+    if args.linear_baseline and dataset_kind(args.dataset) not in ("fashion_mnist", "synthetic"):
+        raise ConfigError(f"--linear-baseline needs an in-memory dataset (fashion_mnist, synthetic), not "
+                          f"'{args.dataset}'.")
     if args.aug_repeats and dataset_kind(args.dataset) == "stream":
         raise ConfigError("--aug-repeats needs a map-style dataset; streaming datasets (wds/, hfids/) do not "
                           "support repeated augmentation.")
@@ -964,7 +967,7 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
                     continue
                 vals = sync(stats, epoch, batch_idx)
                 if log_now:
-                    _log_progress(vals, prev, t_epoch, t_run, steps_this_run, epoch, num_epochs, batch_idx,
+                    _log_progress(vals, prev, t_epoch, t_run, steps_this_run, epoch, batch_idx,
                                   batches_per_epoch, global_step, total_steps, optimizer, tb)
                     prev = vals
                 preempting = vals[4] > 0
@@ -981,6 +984,7 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
                         raise SystemExit(0)  # the other ranks leave too (no rank may train on alone)
             # ---- end of epoch (or of the run: --max-steps) --------------------------------------
             vals = sync(stats, epoch, batch_idx)
+            train_rate = vals[2] / max(time.time() - t_epoch, 1e-9)  # global img/s of the training phase
             complete = batch_idx + 1 >= batches_per_epoch
             train_metrics = OrderedDict(loss=vals[0] / max(vals[2], 1))
             if mixup_fn is None:
@@ -1000,8 +1004,7 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
                          train_metrics["loss"], f" acc {train_metrics['top1']:.2f}" if "top1" in train_metrics else "",
                          eval_metrics["loss"], eval_metrics["top1"], eval_metrics["top5"],
                          f" (EMA top1 {eval_metrics['ema_top1']:.2f})" if "ema_top1" in eval_metrics else "",
-                         lr, vals[2] / max(time.time() - t_epoch, 1e-9),
-                         _fmt_time((total_steps - global_step) * elapsed / max(steps_this_run, 1)))
+                         lr, train_rate, _fmt_time((total_steps - global_step) * elapsed / max(steps_this_run, 1)))
             if rank == 0:
                 update_summary(epoch, train_metrics, eval_metrics, os.path.join(out_dir, "summary.csv"), lr=lr,
                                log_wandb=args.log_wandb)
@@ -1049,7 +1052,7 @@ def _len(ds) -> str:
         return "?"
 
 
-def _log_progress(vals, prev, t_epoch, t_run, steps_this_run, epoch, num_epochs, batch_idx, batches_per_epoch,
+def _log_progress(vals, prev, t_epoch, t_run, steps_this_run, epoch, batch_idx, batches_per_epoch,
                   global_step, total_steps, optimizer, tb) -> None:
     n = vals[2] - prev[2]
     loss = (vals[0] - prev[0]) / max(n, 1)
@@ -1057,8 +1060,8 @@ def _log_progress(vals, prev, t_epoch, t_run, steps_this_run, epoch, num_epochs,
     elapsed = time.time() - t_run
     eta = (total_steps - global_step) * elapsed / max(steps_this_run, 1)
     lr = optimizer.param_groups[0]["lr"]
-    _logger.info("Train %d/%d [%d/%d] step %d/%d (%.0f%%) | loss %.4f (epoch %.4f) acc %.2f | lr %.3g | "
-                 "%.0f img/s | ETA %s", epoch + 1, num_epochs, batch_idx + 1, batches_per_epoch, global_step,
+    _logger.info("Train %d [%d/%d] step %d of %d (%.0f%%) | loss %.4f (epoch %.4f) acc %.2f | lr %.3g | "
+                 "%.0f img/s | ETA %s", epoch, batch_idx + 1, batches_per_epoch, global_step,
                  total_steps, 100.0 * global_step / max(total_steps, 1), loss, vals[0] / max(vals[2], 1), acc, lr,
                  vals[2] / max(time.time() - t_epoch, 1e-9), _fmt_time(eta))
     if tb is not None:

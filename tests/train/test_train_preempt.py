@@ -44,7 +44,7 @@ def test_sigusr2_mid_epoch_checkpoints_at_that_step_and_resumes_exactly(tmp_path
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
-            steps = [int(s) for s in re.findall(r"step (\d+)/", log.read_text())]
+            steps = [int(s) for s in re.findall(r"step (\d+) of", log.read_text())]
             if steps and steps[-1] >= 15:  # inside epoch 1 (steps 13..24)
                 seen = steps[-1]
                 proc.send_signal(signal.SIGUSR2)
