@@ -5,8 +5,10 @@
         --model cbsa_vit_base --dataset imagenet --data-dir /datasets/imagenet --epochs 300 ...
 
 Launcher flags are listed by ``--help``; every other flag is a training flag and goes, unchanged, to
-``train.train.main`` (a ``--`` separator is optional). Training flags are validated with the trainer's own
-parser *before* anything is submitted.
+``train.train.main`` (a ``--`` separator is optional). Training flags are checked with the trainer's own parser
+and ``train.train.validate_args`` (model registered, data folder present, positive numbers) *before* anything is
+submitted, and by ``--dry-run``. ``--script PATH`` runs a training script by path instead (timm's train.py:
+``--device-modules timm_cbsa``; see :func:`finalize_script_argv` for its run folder and resume).
 
 How a job runs
   * one SLURM task per GPU (``--ntasks-per-node = --gpus-per-node``; ``--tasks-per-node`` for CPU jobs);
@@ -16,10 +18,12 @@ How a job runs
     task sees all GPUs of its node and the trainer picks ``cuda:LOCAL_RANK`` (NCCL) — or gloo on CPU;
   * training output (checkpoints, logs) goes to the job folder (``--job-dir``, ``%j`` = job id) unless
     ``--output`` is given, and ``--resume auto`` is added unless ``--resume`` is given;
-  * the submitted callable (:class:`Trainer`) is checkpointable: on timeout / preemption (USR2) rank 0
-    requeues the job with the *same* arguments, and the new run resumes from the newest checkpoint it finds in
-    the output folder (nothing about a specific checkpoint file is pickled). ``scontrol requeue`` restarts
-    the same pickle and therefore resumes the same way;
+  * preemption / time limit: the trainer (train/preempt.py) catches SIGTERM / USR2, writes a checkpoint at the
+    next step boundary and then hands the signals to submitit's handlers (installed in the job process before
+    the trainer starts), where global rank 0 calls :meth:`Trainer.checkpoint` and requeues the job with the
+    *same* arguments; the new run resumes from the newest checkpoint it finds in the output folder (nothing
+    about a specific checkpoint file is pickled). ``scontrol requeue`` (SIGTERM, then SLURM's own requeue)
+    restarts the same pickle and therefore resumes the same way;
   * an exception makes the job FAILED (non-zero exit); with ``--wait`` the launcher prints the remote
     traceback and exits 1.
 
@@ -110,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for the job; print its result, or its traceback and exit 1 if it failed")
     g.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION",
                    help="training entry point called with the training argv (default train.train:main)")
+    g.add_argument("--no-data-check", dest="data_check", action="store_false", default=True,
+                   help="do not check before submitting that the data folder exists (for data that exist only "
+                        "on the compute nodes); the other training-flag checks still run")
+    g.add_argument("--script", default=None, metavar="PATH",
+                   help="run a training script by path instead of --entry, e.g. timm's train.py (run in the job "
+                        "process as __main__ with the training argv; --output/--experiment/--resume are managed "
+                        "for timm's train.py flags, see README)")
     return p
 
 
@@ -145,6 +156,13 @@ def _check_launcher_args(a: argparse.Namespace) -> None:
         raise LaunchError("--dry-run prints an sbatch script; it cannot be combined with --local")
     if ":" not in a.entry:
         raise LaunchError(f"--entry must look like MODULE:FUNCTION (got {a.entry!r})")
+    if a.script is not None:
+        if a.entry != DEFAULT_ENTRY:
+            raise LaunchError("--script and --entry are alternatives: give one of them")
+        path = os.path.abspath(os.path.expanduser(a.script))
+        if not os.path.isfile(path):
+            raise LaunchError(f"--script {a.script}: no such file")
+        a.script = path
 
 
 # ============================================================================ training argv
@@ -153,12 +171,49 @@ def _has_flag(argv: Sequence[str], *names: str) -> bool:
     return any(tok == n or tok.startswith(n + "=") for tok in argv for n in names)
 
 
-def validate_train_argv(entry: str, train_argv: Sequence[str]) -> None:
-    """Parse the training flags with the entry point's own parser; raise LaunchError if it rejects them.
+def _flag_value(argv: Sequence[str], name: str) -> Optional[str]:
+    """Value of the last ``--name VALUE`` / ``--name=VALUE`` in ``argv`` (None if absent)."""
+    value = None
+    for i, tok in enumerate(argv):
+        if tok == name and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif tok.startswith(name + "="):
+            value = tok.split("=", 1)[1]
+    return value
 
-    Uses ``<module>.parse_args`` if the module has one (it also checks --config files), else
-    ``<module>.build_parser().parse_args``. Entry modules with neither are not validated.
+
+def _drop_flag(argv: Sequence[str], name: str) -> List[str]:
+    """``argv`` without any ``--name VALUE`` / ``--name=VALUE``."""
+    out: List[str] = []
+    skip = False
+    for tok in argv:
+        if skip:
+            skip = False
+        elif tok == name:
+            skip = True
+        elif not tok.startswith(name + "="):
+            out.append(tok)
+    return out
+
+
+def _rejected(e: BaseException) -> LaunchError:
+    if isinstance(e, SystemExit):  # argparse already printed "usage: ... error: ..." to stderr
+        return LaunchError("training flags rejected by the trainer's parser (see the error above); "
+                           "nothing was submitted")
+    return LaunchError(f"training flags rejected: {type(e).__name__}: {e}; nothing was submitted")
+
+
+def validate_train_argv(entry: str, train_argv: Sequence[str], check_paths: bool = True) -> None:
+    """Run the entry point's own argument parsing and validation; raise LaunchError if it rejects the flags.
+
+    Parses with ``<module>.parse_args`` if the module has one (it also checks --config files), else
+    ``<module>.build_parser().parse_args``; then calls ``<module>.validate_args(args)`` when the module has it
+    (the trainer's full check: model name registered, data folder present, positive numbers, ...), so a bad
+    job is refused before it waits in the queue (``check_paths=False``: not the data folder, where the
+    validator takes that switch). Entry modules with neither parser are not validated.
     """
+    import inspect
+
     mod_name = entry.split(":", 1)[0]
     try:
         mod = importlib.import_module(mod_name)
@@ -170,25 +225,163 @@ def validate_train_argv(entry: str, train_argv: Sequence[str]) -> None:
         parse = mod.build_parser().parse_args
     else:
         return
+    validate = getattr(mod, "validate_args", None)
     try:
-        parse(list(train_argv))
-    except SystemExit as e:  # argparse already printed "usage: ... error: ..." to stderr
-        if e.code not in (0, None):
-            raise LaunchError("training flags rejected by the trainer's parser (see the error above); "
-                              "nothing was submitted") from None
-        raise  # --help of the training parser: exit quietly like argparse
-    except Exception as e:  # noqa: BLE001 - e.g. ConfigError for a bad --config file
-        raise LaunchError(f"training flags rejected: {type(e).__name__}: {e}; nothing was submitted") from e
+        args = parse(list(train_argv))
+        if validate is not None:
+            try:
+                takes_switch = "check_paths" in inspect.signature(validate).parameters
+            except (TypeError, ValueError):
+                takes_switch = False
+            validate(args, check_paths=check_paths) if takes_switch else validate(args)
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise  # --help of the training parser: exit quietly like argparse
+        raise _rejected(e) from None
+    except Exception as e:  # noqa: BLE001 - ConfigError, ModelNotFoundError, FileNotFoundError, ValueError ...
+        raise _rejected(e) from e
+
+
+def _load_script(path: str) -> Dict[str, Any]:
+    """Execute a script's top level (imports, parser construction) without running its ``__main__`` block."""
+    import runpy
+
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        return runpy.run_path(path, run_name="__slurm_launch_check__")
+    finally:
+        sys.path.pop(0)
+
+
+def validate_script_argv(script: str, train_argv: Sequence[str], check_paths: bool = True) -> None:
+    """Check a --script's flags before submitting, where the script lets us.
+
+    A script with a ``_parse_args()`` / ``parse_args()`` that reads ``sys.argv`` (timm's train.py has
+    ``_parse_args``) is parsed with the training argv. For timm-style flags the model name is checked against
+    timm's registry (after importing ``--device-modules``) and ``--data-dir`` must exist when given.
+    """
+    import inspect
+
+    try:
+        ns = _load_script(script)
+    except SystemExit as e:
+        raise LaunchError(f"--script {script} exited while loading (status {e.code})") from None
+    except Exception as e:  # noqa: BLE001
+        raise LaunchError(f"cannot load --script {script}: {type(e).__name__}: {e}") from e
+    parse = ns.get("_parse_args") or ns.get("parse_args")
+    if not callable(parse):
+        return
+    try:
+        if any(p.default is inspect.Parameter.empty for p in inspect.signature(parse).parameters.values()):
+            return  # needs arguments we cannot guess
+    except (TypeError, ValueError):
+        return
+    old_argv = sys.argv
+    sys.argv = [script, *train_argv]
+    try:
+        out = parse()
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        raise _rejected(e) from None
+    except Exception as e:  # noqa: BLE001 - e.g. a --config file that does not exist
+        raise _rejected(e) from e
+    finally:
+        sys.argv = old_argv
+    args = out[0] if isinstance(out, tuple) else out
+    modules = list(getattr(args, "device_modules", None) or [])
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except Exception as e:  # noqa: BLE001
+            raise LaunchError(f"--device-modules {m}: cannot import it: {type(e).__name__}: {e}; nothing was "
+                              f"submitted") from e
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and model and not model.startswith(("hf-hub:", "hf_hub:", "local-dir:")):
+        import timm
+
+        if not timm.is_model(model):
+            hint = "" if "timm_cbsa" in modules else " (timm_cbsa's models need --device-modules timm_cbsa)"
+            raise LaunchError(f"--model {model}: no such timm model{hint}; nothing was submitted")
+    data_dir = getattr(args, "data_dir", None)
+    if check_paths and isinstance(data_dir, str) and data_dir and "://" not in data_dir and \
+            not os.path.isdir(data_dir):
+        raise LaunchError(f"--data-dir {data_dir}: no such folder; nothing was submitted")
+
+
+# checkpoint files timm's CheckpointSaver (and train.train) write, in order of preference on equal mtimes
+CHECKPOINT_PATTERNS = ("last.pth.tar", "checkpoint-*.pth.tar", "recovery-*.pth.tar")
+
+
+def find_newest_checkpoint(folder: str) -> Optional[str]:
+    """The newest complete checkpoint in ``folder`` (``last.pth.tar``, ``checkpoint-*``, ``recovery-*``), or None.
+
+    torch.save writes a zip archive whose directory is at the end, so a file cut short by a kill is not a valid
+    zip and is skipped (timm's saver also writes through a temporary name; those are ignored).
+    """
+    import glob
+    import zipfile
+
+    found = []
+    for pref, pat in enumerate(CHECKPOINT_PATTERNS):
+        for p in glob.glob(os.path.join(glob.escape(folder), pat)):
+            try:
+                if os.path.isfile(p) and zipfile.is_zipfile(p):
+                    found.append((os.path.getmtime(p), -pref, p))
+                elif os.path.isfile(p):
+                    print(f"[slurm.launch] skipping incomplete checkpoint {p}", file=sys.stderr, flush=True)
+            except OSError:
+                continue
+    return max(found)[2] if found else None
 
 
 def finalize_train_argv(train_argv: Sequence[str], output_dir: str, job_id: str) -> List[str]:
-    """Training argv as run inside the job: %j expanded, --output/--resume auto added when not given."""
+    """Training argv as run inside the job: %j expanded, --output/--resume auto added when not given.
+
+    An explicit ``--resume PATH`` only starts the first run: once the output folder holds a checkpoint, a
+    requeued run resumes from there (``--resume auto``) instead of going back to PATH.
+    """
     argv = [tok.replace("%j", job_id) for tok in train_argv]
     if not _has_flag(argv, "--output"):
         argv += ["--output", output_dir]
-    if not _has_flag(argv, "--resume", "--auto-resume"):
+    resume = _flag_value(argv, "--resume")
+    if resume not in (None, "auto") and not _has_flag(argv, "--auto-resume"):
+        out = _flag_value(argv, "--output") or output_dir
+        run_dir = os.path.join(out, _flag_value(argv, "--experiment") or "")
+        if find_newest_checkpoint(run_dir):
+            argv = _drop_flag(argv, "--resume") + ["--resume", "auto"]
+    elif not _has_flag(argv, "--resume", "--auto-resume"):
         argv += ["--resume", "auto"]
     return argv
+
+
+SCRIPT_EXPERIMENT = "train"
+
+
+def finalize_script_argv(train_argv: Sequence[str], output_dir: str, job_id: str) -> Tuple[List[str], str,
+                                                                                            Optional[str]]:
+    """A --script's argv inside the job (timm train.py flags): %j expanded; ``--output`` (the job folder) and
+    ``--experiment`` added when not given, so the run folder ``<output>/<experiment>`` is the same after every
+    requeue; ``--resume`` set to the newest checkpoint in that folder if there is one (replacing a ``--resume``
+    given by the user, which only starts the first run). Returns (argv, run folder, checkpoint or None)."""
+    argv = [tok.replace("%j", job_id) for tok in train_argv]
+    if not _has_flag(argv, "--output"):
+        argv += ["--output", output_dir]
+        if not _has_flag(argv, "--experiment"):
+            argv += ["--experiment", SCRIPT_EXPERIMENT]
+    elif not _has_flag(argv, "--experiment"):  # timm's default name has a time stamp: differs after a requeue
+        argv += ["--experiment", str(job_id)]
+    run_dir = os.path.join(_flag_value(argv, "--output") or output_dir, _flag_value(argv, "--experiment") or "")
+    newest = find_newest_checkpoint(run_dir)
+    if newest is not None:
+        argv = _drop_flag(argv, "--resume") + ["--resume", newest]
+    return argv, run_dir, newest
+
+
+def _preempt_signals() -> Tuple[int, ...]:
+    """Preemption signals the trainer's handler (train.preempt) caught in this process, if it is loaded."""
+    mod = sys.modules.get("train.preempt")
+    return tuple(mod.signals_received()) if mod is not None and hasattr(mod, "signals_received") else ()
 
 
 def resolve_entry(entry: str) -> Callable[[List[str]], Any]:
@@ -246,16 +439,22 @@ def setup_distributed_env(master_port: Optional[int] = None) -> Dict[str, str]:
 
 
 class Trainer:
-    """The callable submitit pickles. It holds only the entry point name, the training argv (with ``%j``
-    placeholders) and the output folder template, so a requeued run resumes from whatever the newest
-    checkpoint in that folder is at restart time."""
+    """The callable submitit pickles. It holds only the entry point name (or the script path), the training argv
+    (with ``%j`` placeholders) and the output folder template, so a requeued run resumes from whatever the newest
+    checkpoint in that folder is at restart time.
+
+    It is submitit-checkpointable (it has :meth:`checkpoint`), which is what makes timeouts requeue: a
+    ``submitit.helpers.CommandFunction`` job is not requeued (submitit issue #1732), so scripts are run by this
+    class too, in the job process, rather than as a command."""
 
     def __init__(self, entry: str, train_argv: Sequence[str], output_template: str,
-                 master_port: Optional[int] = None) -> None:
+                 master_port: Optional[int] = None, script: Optional[str] = None) -> None:
         self.entry = entry
         self.train_argv = list(train_argv)
         self.output_template = output_template
         self.master_port = master_port
+        self.script = script
+        self._requeued = False
 
     def __call__(self) -> Any:
         import submitit
@@ -264,23 +463,67 @@ class Trainer:
         dist_env = setup_distributed_env(self.master_port)
         job_id = job_env.job_id
         output_dir = self.output_template.replace("%j", job_id)
-        argv = finalize_train_argv(self.train_argv, output_dir, job_id)
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
         print(f"[slurm.launch] job {job_id} restart {restart} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} "
               f"local_rank {dist_env['LOCAL_RANK']} master {dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']} "
               f"host {socket.gethostname()} node {os.environ.get('SLURMD_NODENAME', '-')}", flush=True)
+        if self.script is not None:
+            return self._run_script(output_dir, job_id)
+        argv = finalize_train_argv(self.train_argv, output_dir, job_id)
         print(f"[slurm.launch] {self.entry} {shlex.join(argv)}", flush=True)
-        return resolve_entry(self.entry)(argv)
+        try:
+            return resolve_entry(self.entry)(argv)
+        except SystemExit as e:
+            self._check_exit(e, self.entry)
+            return None
+
+    def _check_exit(self, e: SystemExit, what: str) -> None:
+        """sys.exit inside the training code. It passes through, leaving no result, after a preemption / time-out
+        signal: submitit's own exit after the requeue, or the trainer leaving after its signal-time checkpoint
+        (a result pickle would make the submitter think the requeued job had finished). Otherwise exit 0 is a
+        normal end and any other status fails the job with a traceback (instead of an output-less dead task)."""
+        if self._requeued or _preempt_signals():
+            raise e
+        if e.code not in (0, None):
+            raise RuntimeError(f"{what} exited with status {e.code}") from e
+
+    def _run_script(self, output_dir: str, job_id: str) -> Dict[str, Any]:
+        import runpy
+
+        argv, run_dir, newest = finalize_script_argv(self.train_argv, output_dir, job_id)
+        if newest is not None:
+            print(f"[slurm.launch] resuming from {newest}", flush=True)
+        print(f"[slurm.launch] {self.script} {shlex.join(argv)}", flush=True)
+        old_argv = sys.argv
+        sys.argv = [self.script, *argv]
+        sys.path.insert(0, os.path.dirname(self.script))
+        try:
+            runpy.run_path(self.script, run_name="__main__")
+        except SystemExit as e:
+            self._check_exit(e, self.script)
+        finally:
+            sys.argv = old_argv
+            if sys.path and sys.path[0] == os.path.dirname(self.script):
+                sys.path.pop(0)
+        return dict(script=self.script, argv=argv, run_dir=run_dir, resumed_from=newest,
+                    rank=int(os.environ.get("RANK", "0")), restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_requeued"] = False
+        return state
 
     def checkpoint(self, *args: Any, **kwargs: Any):
         """Called by submitit (global rank 0) on timeout/preemption: requeue the same job arguments; the
-        training entry point's ``--resume auto`` picks the newest checkpoint in the output folder."""
+        training entry point's ``--resume auto`` (or, for a script, the newest checkpoint in its run folder)
+        picks up where it stopped."""
         import submitit
 
+        self._requeued = True
         print(f"[slurm.launch] checkpoint requested: requeueing; the next run resumes from the newest "
               f"checkpoint in {self.output_template}", flush=True)
         return submitit.helpers.DelayedSubmission(
-            type(self)(self.entry, self.train_argv, self.output_template, self.master_port))
+            type(self)(self.entry, self.train_argv, self.output_template, self.master_port, self.script))
 
 
 # ============================================================================ submission
@@ -346,12 +589,15 @@ def make_executor(a: argparse.Namespace, job_dir: str):
 def prepare(argv: Sequence[str]):
     """Parse + validate; returns (launcher args, executor, Trainer). Nothing is submitted."""
     a, train_argv = split_argv(argv)
-    validate_train_argv(a.entry, train_argv)
+    if a.script is not None:
+        validate_script_argv(a.script, train_argv, check_paths=a.data_check)
+    else:
+        validate_train_argv(a.entry, train_argv, check_paths=a.data_check)
     job_dir = os.path.abspath(os.path.expanduser(a.job_dir))
     if "%j" not in job_dir:
         print(f"[slurm.launch] warning: --job-dir {job_dir} has no %j: jobs will share it", file=sys.stderr)
     output_template = job_dir
-    trainer = Trainer(a.entry, train_argv, output_template, a.master_port)
+    trainer = Trainer(a.entry, train_argv, output_template, a.master_port, a.script)
     ex = make_executor(a, job_dir)
     return a, ex, trainer
 
@@ -418,7 +664,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         a, ex, trainer = prepare(argv)
         if a.dry_run:
-            print(f"# dry run: sbatch script submitit would submit (training argv: "
+            what = f"script {trainer.script}" if trainer.script else f"entry {trainer.entry}"
+            print(f"# dry run: sbatch script submitit would submit ({what}; training argv: "
                   f"{shlex.join(trainer.train_argv)})", file=sys.stderr)
             print(dry_run_script(ex))
             return 0

@@ -18,13 +18,22 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ['PreemptionHandler', 'install', 'DEFAULT_SIGNALS']
+__all__ = ['PreemptionHandler', 'install', 'signals_received', 'DEFAULT_SIGNALS']
 
 DEFAULT_SIGNALS = tuple(s for s in (getattr(signal, 'SIGUSR2', None), signal.SIGTERM) if s is not None)
 
 _Handler = Union[Callable, int, None]
+
+# every preemption signal any handler of this process caught, for code around the trainer: the SLURM launcher's
+# job callable must not report a result when the trainer leaves after a signal (the job is being requeued)
+_RECEIVED: List[int] = []
+
+
+def signals_received() -> Tuple[int, ...]:
+    """The preemption signals caught in this process so far (by any :class:`PreemptionHandler`), in order."""
+    return tuple(_RECEIVED)
 
 
 class PreemptionHandler:
@@ -32,7 +41,8 @@ class PreemptionHandler:
 
     def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS):
         self.signals = tuple(signals)
-        self.signum: Optional[int] = None
+        self.signum: Optional[int] = None     # the first signal received
+        self.received: List[int] = []         # every distinct signal received, in order of arrival
         self._previous: Dict[int, _Handler] = {}
         self._installed = False
 
@@ -43,6 +53,10 @@ class PreemptionHandler:
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
+        if signum not in self.received:      # e.g. SIGTERM then USR2 (submitit's job._interrupt(), a
+            self.received.append(signum)     # preemption with preempt_send_user_signal): both are replayed
+        if signum not in _RECEIVED:
+            _RECEIVED.append(signum)
 
     def install(self) -> 'PreemptionHandler':
         if self._installed:
@@ -63,17 +77,25 @@ class PreemptionHandler:
         self._installed = False
 
     def finish(self) -> None:
-        """After the checkpoint is written: let the signal do what it would have done without us."""
-        signum = self.signum
-        if signum is None:
+        """After the checkpoint is written: let each signal received do what it would have done without us.
+
+        Every distinct signal is handed on, in order of arrival: under submitit SIGTERM goes to its "bypass"
+        handler (logs, returns) and USR2 to its checkpoint-and-requeue handler (global rank 0: ``checkpoint()``,
+        ``scontrol requeue``, ``sys.exit``; other ranks: log and return). Handing on only the first signal would
+        lose the USR2 that follows SIGTERM on a preemption, and the job would never be requeued.
+        """
+        if self.signum is None:
             return
-        previous = self._previous.get(signum, signal.SIG_DFL)
+        received = list(self.received) or [self.signum]
+        previous = {s: self._previous.get(s, signal.SIG_DFL) for s in received}
         self.uninstall()
-        if callable(previous):
-            previous(signum, None)            # e.g. submitit: checkpoint() -> requeue -> exit
-        elif previous in (signal.SIG_DFL, None):
-            os.kill(os.getpid(), signum)      # default action (terminate) now that the checkpoint is safe
-        # SIG_IGN: the signal was ignored before us; keep going
+        for signum in received:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)         # e.g. submitit: checkpoint() -> requeue -> exit
+            elif handler in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signum)  # default action (terminate) now that the checkpoint is safe
+            # SIG_IGN: the signal was ignored before us; keep going
 
 
 def install(signals: Sequence[int] = DEFAULT_SIGNALS) -> PreemptionHandler:

@@ -110,4 +110,182 @@ def test_local_mode_runs_the_same_code_without_slurm(tmp_path, monkeypatch):
     folder = Path(str(job.paths.folder))
     hashes = {json.loads(f.read_text())["weights_sha256"] for f in folder.glob("weights_rank*.json")}
     assert len(hashes) == 1 and None not in hashes
-    assert (folder / "last.pth.tar").exists() or list(folder.glob("checkpoint-*.pth.tar"))
+    assert launch.find_newest_checkpoint(str(folder)) is not None, sorted(p.name for p in folder.iterdir())
+
+
+# ---------------------------------------------------------------------------- --script (timm's train.py & co)
+
+def _fake_ckpt(path: Path, mtime: float) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 0}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_find_newest_checkpoint_skips_incomplete_and_temporary_files(tmp_path):
+    assert launch.find_newest_checkpoint(str(tmp_path / "nope")) is None
+    last = _fake_ckpt(tmp_path / "last.pth.tar", 1000)
+    _fake_ckpt(tmp_path / "checkpoint-0.pth.tar", 1000)       # same time as last: last preferred
+    assert launch.find_newest_checkpoint(str(tmp_path)) == str(last)
+    rec = _fake_ckpt(tmp_path / "recovery-1-3.pth.tar", 2000)
+    assert launch.find_newest_checkpoint(str(tmp_path)) == str(rec)
+    # a newer file cut short by a kill (no zip directory at its end) and timm's temporary names are ignored
+    good = rec.read_bytes()
+    cut = tmp_path / "recovery-1-5.pth.tar"
+    cut.write_bytes(good[: len(good) // 2])
+    os.utime(cut, (3000, 3000))
+    _fake_ckpt(tmp_path / "recovery_tmp.pth.tar", 4000)
+    _fake_ckpt(tmp_path / "tmp.pth.tar", 4000)
+    assert launch.find_newest_checkpoint(str(tmp_path)) == str(rec)
+
+
+def test_finalize_script_argv_keeps_the_run_folder_stable_and_resumes_from_the_newest(tmp_path):
+    job = str(tmp_path / "123")
+    argv, run_dir, newest = launch.finalize_script_argv(["--model", "m", "--data-dir", "/d/%j"], job, "123")
+    assert argv == ["--model", "m", "--data-dir", "/d/123", "--output", job, "--experiment", "train"]
+    assert run_dir == os.path.join(job, "train") and newest is None
+    # --output given without --experiment: the job id names the run folder (timm's default has a time stamp)
+    argv, run_dir, _ = launch.finalize_script_argv(["--output", str(tmp_path / "o")], job, "123")
+    assert argv[-2:] == ["--experiment", "123"] and run_dir == str(tmp_path / "o" / "123")
+    # a checkpoint in the run folder replaces the user's --resume (which only starts the first run)
+    ck = _fake_ckpt(tmp_path / "o" / "e" / "last.pth.tar", 1000)
+    user = ["--output", str(tmp_path / "o"), "--experiment=e", "--resume", "/pretrained/start.pth.tar", "-b", "8"]
+    argv, run_dir, newest = launch.finalize_script_argv(user, job, "123")
+    assert newest == str(ck) and argv == ["--output", str(tmp_path / "o"), "--experiment=e", "-b", "8",
+                                          "--resume", str(ck)]
+    # train.train entry: same rule for an explicit --resume PATH; auto is added when nothing is given
+    out = launch.finalize_train_argv(["--resume", "/p.pth.tar", "--output", str(tmp_path / "o"),
+                                      "--experiment", "e"], job, "123")
+    assert out[-2:] == ["--resume", "auto"] and "/p.pth.tar" not in out
+    out = launch.finalize_train_argv(["--resume", "/p.pth.tar"], job, "123")
+    assert out == ["--resume", "/p.pth.tar", "--output", job]
+
+
+STANDIN = '''
+import argparse, sys
+parser = argparse.ArgumentParser()
+parser.add_argument("--model", default="resnet18")
+parser.add_argument("--data-dir", default=None)
+parser.add_argument("--device-modules", nargs="*", default=None)
+parser.add_argument("--epochs", type=int, default=1)
+def _parse_args():
+    args = parser.parse_args()
+    return args, "text"
+if __name__ == "__main__":
+    raise SystemExit("must not run at validation")
+'''
+
+
+def test_script_flags_validated_before_submission(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text(STANDIN)
+    base = ["--dry-run", "--job-dir", str(tmp_path / "%j"), "--script", str(script)]
+    assert launch.main([*base, "--model", "resnet18", "--data-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"script {script}" in err
+    rc = launch.main([*base, "--epochs", "x"])
+    assert rc == 2 and "invalid int value: 'x'" in capsys.readouterr().err
+    rc = launch.main([*base, "--model", "cbsa_vit_tiny"])  # not registered without timm_cbsa imported first
+    err = capsys.readouterr().err
+    if rc == 2:  # timm_cbsa may already be imported in this process
+        assert "--model cbsa_vit_tiny: no such timm model" in err and "--device-modules timm_cbsa" in err
+    rc = launch.main([*base, "--device-modules", "timm_cbsa", "--model", "no_such_model_xyz"])
+    assert rc == 2 and "--model no_such_model_xyz: no such timm model" in capsys.readouterr().err
+    rc = launch.main([*base, "--device-modules", "timm_cbsa", "--model", "cbsa_vit_tiny",
+                      "--data-dir", str(tmp_path / "missing")])
+    assert rc == 2 and f"--data-dir {tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+    assert launch.main(["--dry-run", "--script", str(tmp_path / "nope.py")]) == 2
+    assert "--script" in capsys.readouterr().err
+    assert launch.main([*base, "--entry", "x:y"]) == 2
+    assert "--script and --entry are alternatives" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.rglob("*_submitted.pkl"))
+
+
+@pytest.mark.timeout(300)
+def test_script_runs_in_the_job_process_and_exit_status_is_kept(tmp_path, monkeypatch):
+    """--local: the script runs as __main__ with the managed argv; sys.exit(3) fails the job with a traceback."""
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "import helper_next_to_script\n"  # the script's folder is on sys.path, like `python s.py`
+        "if __name__ == '__main__':\n"
+        "    a = sys.argv[1:]\n"
+        "    out = os.path.join(a[a.index('--output') + 1], a[a.index('--experiment') + 1])\n"
+        "    os.makedirs(out, exist_ok=True)\n"
+        "    json.dump(dict(argv0=sys.argv[0], argv=a, rank=os.environ['RANK']),\n"
+        "              open(os.path.join(out, 'r' + os.environ['RANK'] + '.json'), 'w'))\n"
+        "    if '--fail' in a:\n"
+        "        sys.exit(3)\n")
+    (tmp_path / "helper_next_to_script.py").write_text("")
+    common = ["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10", "--script", str(script)]
+    job = launch.submit([*common, "--job-dir", str(tmp_path / "a" / "%j"), "--x", "1"])
+    results = job.results()
+    run_dir = Path(str(job.paths.folder)) / "train"
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["run_dir"] == str(run_dir) and r["resumed_from"] is None for r in results)
+    import json
+    info = json.loads((run_dir / "r1.json").read_text())
+    assert info["argv0"] == str(script) and info["argv"][:2] == ["--x", "1"]
+    job = launch.submit([*common, "--job-dir", str(tmp_path / "b" / "%j"), "--fail"])
+    with pytest.raises(Exception, match="exited with status 3"):
+        job.results()
+
+
+# ---------------------------------------------------------------------------- issue 16.5: full validation first
+
+@pytest.mark.parametrize("flags, names", [
+    (["--epochs", "0"], ["--epochs"]),
+    (["--batch-size", "-4"], ["--batch-size"]),
+    (["--model", "no_such_model_xyz"], ["no_such_model_xyz"]),
+    (["--data-dir", "/nonexistent/cbsa-data"], ["/nonexistent/cbsa-data"]),
+], ids=["epochs0", "negative-batch", "unknown-model", "missing-data-dir"])
+def test_dry_run_refuses_invalid_training_flags(tmp_path, flags, names):
+    """`python -m slurm.launch --dry-run` runs the trainer's full validation: non-zero exit, the flag named,
+    no sbatch script printed, nothing written."""
+    job_dir = tmp_path / "jobs"
+    cmd = [sys.executable, "-m", "slurm.launch", "--dry-run", "--gpus-per-node", "0", "--job-dir",
+           str(job_dir / "%j"), *TINY, *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
+                       env={**os.environ, "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0, (r.stdout, r.stderr)
+    assert "#SBATCH" not in r.stdout
+    for n in names:
+        assert n in r.stderr, r.stderr
+    assert "nothing was submitted" in r.stderr
+    assert not job_dir.exists()
+
+
+def test_dry_run_valid_flags_pass_and_data_check_can_be_skipped(tmp_path, capsys):
+    base = ["--dry-run", "--gpus-per-node", "0", "--job-dir", str(tmp_path / "%j")]
+    assert launch.main([*base, *TINY]) == 0
+    assert "#SBATCH" in capsys.readouterr().out
+    # data only on the compute nodes: --no-data-check skips the folder check, not the others
+    assert launch.main([*base, "--no-data-check", *TINY, "--data-dir", "/nonexistent/cbsa-data"]) == 0
+    capsys.readouterr()
+    assert launch.main([*base, "--no-data-check", *TINY, "--data-dir", "/nonexistent/cbsa-data",
+                        "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+
+
+def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
+    """A trainer that leaves with sys.exit after its signal-time checkpoint (or submitit's exit after the requeue)
+    must not produce a result: submitit would report the requeued job as finished."""
+    from train import preempt
+
+    monkeypatch.setattr(preempt, "_RECEIVED", [])
+    t = launch.Trainer("x:y", [], "/tmp/%j")
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        t._check_exit(SystemExit(3), "x:y")
+    assert t._check_exit(SystemExit(0), "x:y") is None  # a normal end
+    monkeypatch.setattr(preempt, "_RECEIVED", [15])
+    with pytest.raises(SystemExit):
+        t._check_exit(SystemExit(0), "x:y")
+    monkeypatch.setattr(preempt, "_RECEIVED", [])
+    t.checkpoint()  # what submitit calls on global rank 0 before its sys.exit(-1)
+    with pytest.raises(SystemExit):
+        t._check_exit(SystemExit(-1), "x:y")
+    assert pickle.loads(pickle.dumps(t))._requeued is False
