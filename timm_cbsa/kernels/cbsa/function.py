@@ -19,7 +19,7 @@ import torch
 
 from ...layers.representatives import pool_representatives
 
-__all__ = ['TritonContractBroadcast', 'contract_and_broadcast_triton', 'triton_unsupported_reason',
+__all__ = ['TritonContractBroadcast', 'contract_and_broadcast_triton', 'triton_unsupported_reason', 'triton_probe',
            'MAX_REPRESENTATIVES', 'MAX_HEAD_DIM']
 
 MAX_REPRESENTATIVES = 128   # m, padded: one program holds m×d and m×m tiles in registers
@@ -168,3 +168,52 @@ def contract_and_broadcast_triton(w: torch.Tensor, step_rep: torch.Tensor, step_
     if reason is not None:
         raise ValueError(f'CBSA Triton kernels cannot run here: {reason}.')
     return TritonContractBroadcast.apply(w, r, step_rep, step_x, scale)
+
+
+_PROBES = {}
+
+
+def triton_probe(device, dtype: torch.dtype, head_dim: int, num_reps: int) -> Optional[str]:
+    """None when the kernels run for (device, dtype, head dim, m) and match the float64 naive twin on a small problem
+    (forward and every gradient: ≤ 1e-4 relative in float32, ≤ 3e-2 in bf16 / fp16), else the reason. The static
+    checks first; the numerical run once per key, cached (call it outside torch.compile regions)."""
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    key = (str(device), dtype, int(head_dim), int(num_reps))
+    if key in _PROBES:
+        return _PROBES[key]
+    reason = triton_unsupported_reason(device, dtype, head_dim, num_reps)
+    if reason is None:
+        reason = _numerical_probe(device, dtype, head_dim, num_reps)
+    _PROBES[key] = reason
+    return reason
+
+
+def _numerical_probe(device: torch.device, dtype: torch.dtype, d: int, m: int) -> Optional[str]:
+    from .naive import naive_contract_and_broadcast
+    try:
+        g = torch.Generator().manual_seed(0)
+        B, H, N = 2, 2, 77                                            # odd N: a partial last token block
+        w = torch.randn(B, N, H, d, generator=g, dtype=torch.float64).transpose(1, 2)
+        r = torch.randn(B, H, m, d, generator=g, dtype=torch.float64)
+        eta, kap = torch.randn(H, 1, 1, generator=g, dtype=torch.float64), torch.randn(H, 1, 1, generator=g,
+                                                                                       dtype=torch.float64)
+        grad = torch.randn(B, H, N, d, generator=g, dtype=torch.float64)
+        outs = []
+        for fn, dt, dev in ((contract_and_broadcast_triton, dtype, device),
+                            (naive_contract_and_broadcast, torch.float64, torch.device('cpu'))):
+            args = [t.to(device=dev, dtype=dt).requires_grad_() for t in (w, r, eta, kap)]
+            with torch.autocast(device_type=dev.type, enabled=False):
+                out = fn(args[0], args[2], args[3], d ** -0.5, r=args[1])
+            (out * grad.to(device=dev, dtype=dt)).sum().backward()
+            outs.append([out.detach()] + [a.grad for a in args])
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        for name, a, b in zip(('out', 'dw', 'dr', 'deta', 'dkap'), *outs):
+            a = a.double().cpu()
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            if not err <= tol:
+                return f'parity probe: {name} relative error {err:.1e} > {tol:.0e} against the float64 reference'
+        return None
+    except Exception as e:  # noqa: BLE001 (any failure means: not usable here)
+        return f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:300]
