@@ -83,6 +83,32 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
                 out_dtype=str(results['kernel'][2].dtype))
 
 
+def run_layer_case():
+    """A CBSA layer with backend='triton' (the backends.py hookup, probe included) against backend='eager': forward,
+    input and parameter gradients, and whether the kernels really ran (no fallback)."""
+    import logging
+    from backend_checks import rel_errors, run_fwd_bwd   # tests/support
+    from timm_cbsa.kernels.cbsa import function
+    from timm_cbsa.layers.cbsa import CBSA
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger('timm_cbsa.layers.backends').addHandler(handler)
+    calls = []
+    apply = function.TritonContractBroadcast.apply
+    function.TritonContractBroadcast.apply = lambda *a: calls.append(1) or apply(*a)
+    torch.manual_seed(0)
+    layer = CBSA(64, 2, qkv_bias=True, grid_size=(5, 6), rep_grid=(2, 3), num_prefix_tokens=1)
+    with torch.no_grad():
+        layer.step_rep.copy_(torch.tensor([0.7, -1.2]).view(2, 1, 1))
+        layer.step_x.copy_(torch.tensor([-0.5, 1.1]).view(2, 1, 1))
+    x = torch.randn(2, 31, 64)
+    got = run_fwd_bwd(layer, x, 'triton')
+    ref = run_fwd_bwd(layer, x, 'eager')
+    return dict(case='layer_backend_triton-fp32', errors=rel_errors(got, ref), kernel_calls=len(calls),
+                warnings=[r.getMessage() for r in records])
+
+
 def main(argv):
     if os.environ.get('TRITON_INTERPRET') != '1':
         raise SystemExit('set TRITON_INTERPRET=1 before running this worker')
@@ -96,6 +122,8 @@ def main(argv):
             res = run_case(*case, dtype=dt)
             res.update(case=f'{case[0]}-{dn}', kernel_type=interpreted)
             print(json.dumps(res), flush=True)
+    if not wanted or 'layer' in wanted:
+        print(json.dumps(run_layer_case()), flush=True)
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ IDS = [f'{c[0]}-{dn}' for c in CASES for dn in DTYPES]
 @pytest.fixture(scope='module')
 def interpreter_results():
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
-        [ROOT] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
+        [ROOT, os.path.join(ROOT, 'tests', 'support')] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
     proc = subprocess.run([sys.executable, os.path.join(HERE, 'interpreter_cases.py')], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f'interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
@@ -48,6 +48,15 @@ def test_kernels_match_eager(interpreter_results, case):
     assert res['out_dtype'] == str(DTYPES[case.rsplit('-', 1)[1]])
     if res['out_layout_bnhd'] is not None:
         assert res['out_layout_bnhd'], 'output should keep w\'s (B, N, H, d) layout (free head merge)'
+
+
+def test_layer_backend_triton_runs_the_kernels(interpreter_results):
+    """backend='triton' on a CBSA layer goes through the probe to the kernels (no fallback, nothing logged) and matches
+    backend='eager' in output, input gradient and every parameter gradient."""
+    res = interpreter_results['layer_backend_triton-fp32']
+    assert res['kernel_calls'] >= 2, 'the layer did not run the Triton kernels (probe + layer call expected)'
+    assert not res['warnings'], res['warnings']
+    assert max(res['errors']) <= 1e-4, res['errors']
 
 
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') == '1', reason='checks the non-interpreted CPU refusal')
