@@ -103,9 +103,14 @@ def run_layer_case():
         layer.step_rep.copy_(torch.tensor([0.7, -1.2]).view(2, 1, 1))
         layer.step_x.copy_(torch.tensor([-0.5, 1.1]).view(2, 1, 1))
     x = torch.randn(2, 31, 64)
+    function._PROBES.clear()
+    layer.backend = 'triton'
+    with torch.inference_mode():            # first use (and probe) from an inference forward
+        infer = layer(x)
     got = run_fwd_bwd(layer, x, 'triton')
     ref = run_fwd_bwd(layer, x, 'eager')
     return dict(case='layer_backend_triton-fp32', errors=rel_errors(got, ref), kernel_calls=len(calls),
+                inference_error=rel_errors([infer], [ref[0]])[0],
                 warnings=[r.getMessage() for r in records])
 
 

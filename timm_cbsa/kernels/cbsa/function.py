@@ -185,7 +185,8 @@ def triton_probe(device, dtype: torch.dtype, head_dim: int, num_reps: int) -> Op
         return _PROBES[key]
     reason = triton_unsupported_reason(device, dtype, head_dim, num_reps)
     if reason is None:
-        reason = _numerical_probe(device, dtype, head_dim, num_reps)
+        with torch.inference_mode(False), torch.enable_grad():   # the first call may come from an inference forward
+            reason = _numerical_probe(device, dtype, head_dim, num_reps)
     _PROBES[key] = reason
     return reason
 
