@@ -72,6 +72,20 @@ def _config(dtype: torch.dtype, m_pad: int, d_pad: int) -> Tuple[int, str, int]:
     return block_n, prec, 4 if m_pad * d_pad <= 64 * 64 else 8
 
 
+def _splits(N: int, bh: int, block_n: int, device: torch.device) -> Tuple[int, int]:
+    """(SPLITS, CHUNK tokens) for the token passes that reduce over N: enough (batch, head, chunk) programs for about
+    two per SM, each chunk ≥ 4 token blocks, none empty. Under the interpreter: up to 3 chunks of one block (so that
+    the CPU tests cover the merge)."""
+    n_blocks = triton_cdiv(N, block_n)
+    if device.type == 'cuda':
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, min(triton_cdiv(2 * sms, bh), n_blocks // 4))
+    else:
+        want = min(3, n_blocks)
+    per = triton_cdiv(n_blocks, want)
+    return triton_cdiv(n_blocks, per), per * block_n
+
+
 def _strides4(x: torch.Tensor):
     return tuple(x.stride())
 
@@ -105,8 +119,14 @@ class TritonContractBroadcast(torch.autograd.Function):
         z, q, c = (torch.empty(B * H, mp, dp, dtype=sd, device=dev) for _ in range(3))
         p = torch.empty(B * H, mp, mp, dtype=sd, device=dev)
         meta = dict(M=m, D=d, M_PAD=mp, D_PAD=dp, BLOCK_N=block_n, PREC=prec, num_warps=warps)
-        K._extract_contract_fwd[(B * H,)](
-            w, r, eta, scale_t, lse, z, q, p, c, N, H, *_strides4(w), *_strides4(r), **meta)
+        splits, chunk = _splits(N, B * H, block_n, dev)
+        pmx, pss = (torch.empty(splits, B * H, mp, dtype=sd, device=dev) for _ in range(2))
+        pacc = torch.empty(splits, B * H, mp, dp, dtype=sd, device=dev)
+        K._extract_partial[(splits, B * H)](
+            w, r, scale_t, pmx, pss, pacc, N, H, chunk, *_strides4(w), *_strides4(r), **meta)
+        K._combine_contract[(B * H,)](
+            r, eta, scale_t, pmx, pss, pacc, lse, z, q, p, c, H, splits, *_strides4(r),
+            M=m, D=d, M_PAD=mp, D_PAD=dp, num_warps=warps)
         out = _like(w)
         K._broadcast_fwd[(triton_cdiv(N, block_n), B * H)](
             w, r, kap, scale_t, lse, c, out, N, H, *_strides4(w), *_strides4(r), *_strides4(out), **meta)
@@ -133,9 +153,13 @@ class TritonContractBroadcast(torch.autograd.Function):
         dz, dq = (torch.empty(B * H, mp, dp, dtype=sd, device=dev) for _ in range(2))
         dd = torch.empty(B * H, mp, dtype=sd, device=dev)
         deta, dkap = (torch.empty(B * H, dtype=sd, device=dev) for _ in range(2))
+        splits, chunk = _splits(N, B * H, block_n, dev)
+        pag = torch.empty(splits, B * H, mp, dp, dtype=sd, device=dev)
+        K._ag_partial[(splits, B * H)](
+            w, r, grad, scale_t, lse, pag, N, H, chunk, *_strides4(w), *_strides4(r), *_strides4(grad), **meta)
         K._contract_bwd[(B * H,)](
-            w, r, grad, eta, kap, scale_t, lse, z, q, p, c, dz, dq, dd, deta, dkap, N, H,
-            *_strides4(w), *_strides4(r), *_strides4(grad), **meta)
+            eta, kap, scale_t, pag, z, q, p, c, dz, dq, dd, deta, dkap, H, splits, M_PAD=mp, D_PAD=dp,
+            num_warps=warps)
         dw = _like(w)
         dr_acc = dq.clone()                        # ∂Q_ini = ∂Q + s ∂S W, the token sum added atomically
         K._broadcast_bwd[(triton_cdiv(N, block_n), B * H)](
