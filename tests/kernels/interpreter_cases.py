@@ -21,7 +21,7 @@ CASES = [
     ('m16_d64_legacy_adaptive', 1, 2, 64, (9, 9), (4, 4), 1, True, 'bnhd', 'pool'),    # N = 82
     ('m6_d32_given_r', 3, 2, 32, (6, 6), (2, 3), 1, False, 'bhnd', 'given'),           # N = 37
 ]
-DTYPES = {'fp32': torch.float32, 'fp64': torch.float64}
+DTYPES = {'fp32': torch.float32, 'fp64': torch.float64, 'fp16': torch.float16}   # bf16: no numpy type
 NAMES = ['out', 'dw', 'dr', 'deta', 'dkap']
 
 
@@ -32,17 +32,20 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
     g = torch.Generator().manual_seed(0)
     N = prefix + grid[0] * grid[1]
     m = rep[0] * rep[1]
+    f64 = torch.float64
     if layout == 'bnhd':
-        w0 = torch.randn(B, N, H, d, generator=g, dtype=dtype).transpose(1, 2)
+        w0 = torch.randn(B, N, H, d, generator=g, dtype=f64).transpose(1, 2)
     else:
-        w0 = torch.randn(B, H, N, d, generator=g, dtype=dtype)
-    r0 = torch.randn(B, H, m, d, generator=g, dtype=dtype) if qini == 'given' else None
-    eta0 = torch.randn(H, 1, 1, generator=g, dtype=dtype)
-    kap0 = torch.randn(H, 1, 1, generator=g, dtype=dtype)
-    grad = torch.randn(B, H, N, d, generator=g, dtype=dtype)
+        w0 = torch.randn(B, H, N, d, generator=g, dtype=f64)
+    r0 = torch.randn(B, H, m, d, generator=g, dtype=f64) if qini == 'given' else None
+    eta0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
+    kap0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
+    grad = torch.randn(B, H, N, d, generator=g, dtype=f64)
     pool = (grid, rep, legacy)
     scale = d ** -0.5
-    layer = CBSA(H * d, H, rep_grid=rep, legacy_pool=legacy, grid_size=grid).to(dtype)
+    # half precision is compared with the float64 reference (the eager layer in float64), like the CUDA tests
+    ref_dtype = f64 if dtype == torch.float16 else dtype
+    layer = CBSA(H * d, H, rep_grid=rep, legacy_pool=legacy, grid_size=grid).to(ref_dtype)
 
     def kernel(w, r, eta, kap):
         return contract_and_broadcast_triton(w, eta, kap, scale, pool=None if qini == 'given' else pool, r=r)
@@ -59,17 +62,19 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
 
     results = {}
     for tag, fn in (('kernel', kernel), ('eager', eager), ('naive', naive)):
-        w = w0.clone().requires_grad_()
-        r = None if r0 is None else r0.clone().requires_grad_()
-        eta, kap = eta0.clone().requires_grad_(), kap0.clone().requires_grad_()
+        dt = dtype if tag == 'kernel' else ref_dtype
+        w = w0.to(dt).clone().requires_grad_()            # clone: .to() of the same dtype is not a copy
+        r = None if r0 is None else r0.to(dt).clone().requires_grad_()
+        eta, kap = eta0.to(dt).clone().requires_grad_(), kap0.to(dt).clone().requires_grad_()
         t0 = time.perf_counter()
         out = fn(w, r, eta, kap)
-        (out * grad).sum().backward()
+        (out * grad.to(dt)).sum().backward()
         if tag == 'eager':
             eta_g, kap_g = layer.step_rep.grad, layer.step_x.grad
         else:
             eta_g, kap_g = eta.grad, kap.grad
-        results[tag] = ([out.detach(), w.grad, None if r is None else r.grad, eta_g, kap_g],
+        results[tag] = ([t if t is None else t.double() for t in
+                         (out.detach(), w.grad, None if r is None else r.grad, eta_g, kap_g)],
                         time.perf_counter() - t0, out)
     errs = {}
     for tag in ('kernel', 'naive'):
