@@ -120,3 +120,18 @@ def loglog_plot(path: str, series: Dict[str, Dict[int, float]], title: str, ylab
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def runs_triton(fn: Callable[[], object]) -> bool:
+    """Whether ``fn()`` ran the CBSA Triton kernels (a 'triton' benchmark row must not be a silent fallback to
+    'fused': the backend logs its reason and falls back, so the scripts check before timing)."""
+    from timm_cbsa.kernels.cbsa import function
+    calls = []
+    cls = function.TritonContractBroadcast
+    apply = cls.apply
+    cls.apply = lambda *a: calls.append(1) or apply(*a)
+    try:
+        fn()
+    finally:
+        del cls.apply                       # back to torch.autograd.Function.apply
+    return bool(calls)

@@ -6,6 +6,9 @@ attention, at N = 1 + (img/16)² tokens. One process, interleaved rounds, min an
     python benchmarks/layer_bench.py                          # CPU, 2 threads, fp32, C=384, H=6, B=8
     python benchmarks/layer_bench.py --device cuda --dtype bf16 --batch 64
 
+cbsa_triton (the Triton kernels, CUDA only) is in the default variants on CUDA; a variant whose backend falls back
+(e.g. cbsa_triton without Triton, or on CPU) is dropped with the reason instead of being timed under its name.
+
 Writes <out>/layer_<device>_<dtype>.{md,csv,png}. Not a test: a script.
 """
 import argparse
@@ -16,8 +19,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fit_exponent, interleaved, loglog_plot, machine_description, markdown_table, saved_bytes, \
-    write_csv  # noqa: E402
+from _common import fit_exponent, interleaved, loglog_plot, machine_description, markdown_table, runs_triton, \
+    saved_bytes, write_csv  # noqa: E402
 from peers import AgentAttention, CBSAProjections, PVTLinearSRA, ReLULinearAttention, SDPAAttention, \
     make_cbsa  # noqa: E402
 
@@ -64,7 +67,8 @@ def main(argv=None):
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)
     variants = args.variants or (
-        ['timm_sdpa', 'cbsa_eager', 'cbsa_fused', 'cbsa_sdpa'] + (['cbsa_xformers'] if device.type == 'cuda' else [])
+        ['timm_sdpa', 'cbsa_eager', 'cbsa_fused', 'cbsa_sdpa']
+        + (['cbsa_xformers', 'cbsa_triton'] if device.type == 'cuda' else [])
         + ['agent', 'pvt_li', 'relu_linear', 'proj_floor'])
     torch.manual_seed(0)
     rows, times, medians = [], {v: {} for v in variants}, {v: {} for v in variants}
@@ -77,6 +81,9 @@ def main(argv=None):
             if v == 'timm_sdpa' and n > args.quadratic_max_n:
                 continue
             layer = build(v, args.dim, args.heads, (g, g)).to(device=device, dtype=dtype)
+            if v == 'cbsa_triton' and not runs_triton(lambda layer=layer: layer(x)):
+                print(f'N={n}: skip cbsa_triton: the backend fell back (its reason is logged above)', flush=True)
+                continue
             layers[v] = layer
 
             def step(layer=layer):
@@ -118,7 +125,7 @@ def main(argv=None):
         for v in variants:
             if v.startswith('cbsa_'):
                 sd = times.get('timm_sdpa', {}).get(n)
-                line.append('%.2f×' % (sd / times[v][n]) if sd else '–')
+                line.append('%.2f×' % (sd / times[v][n]) if sd and n in times[v] else '–')
         table.append(line)
     mem_table = [[str(n)] + ['%.1f' % next((r['saved_MB'] for r in rows if r['N'] == n and r['variant'] == v), float('nan'))
                              if n in times[v] else '–' for v in variants] for n in ns]

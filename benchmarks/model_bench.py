@@ -3,6 +3,9 @@
     python benchmarks/model_bench.py                                    # CPU fp32, 224 px, small batch
     python benchmarks/model_bench.py --device cuda --amp bf16 --img-sizes 224 512 1024 --batch 64
 
+Default backends: fused on CPU; fused and triton (the Triton kernels) on CUDA. A triton model whose backend falls back
+is skipped with the reason instead of being timed under its name.
+
 Pairs: cbsa_vit_small (each --backends) vs vit_small_patch16_224, and cbt_small vs vit_small_patch16_224.
 Train step = forward + cross-entropy + backward + SGD step. One process, interleaved rounds, best round reported.
 Writes <out>/model_<device>_<amp>.{md,csv}. Not a test: a script.
@@ -15,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import interleaved, machine_description, markdown_table, write_csv  # noqa: E402
+from _common import interleaved, machine_description, markdown_table, runs_triton, write_csv  # noqa: E402
 
 import timm  # noqa: E402
 import timm_cbsa  # noqa: E402,F401
@@ -36,7 +39,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--img-sizes', type=int, nargs='+', default=[224])
     p.add_argument('--batch', type=int, default=None, help='batch at 224 px; scaled by (224/img)² (min 1)')
-    p.add_argument('--backends', nargs='+', default=['fused'])
+    p.add_argument('--backends', nargs='+', default=None, help="default: fused (CPU); fused triton (CUDA)")
     p.add_argument('--pairs', nargs='+', default=['cbsa_vit_small:vit_small_patch16_224',
                                                    'cbt_small:vit_small_patch16_224'])
     p.add_argument('--rounds', type=int, default=None)
@@ -53,6 +56,7 @@ def main(argv=None):
     if not cuda:
         torch.set_num_threads(args.threads)
     base_batch = args.batch or (128 if cuda else 8)
+    backends = args.backends or (['fused', 'triton'] if cuda else ['fused'])
     rounds = args.rounds or (5 if cuda else 3)
     iters = args.iters or (10 if cuda else 1)
     if cuda:
@@ -67,7 +71,7 @@ def main(argv=None):
         names = []
         for pair in args.pairs:
             a, b = pair.split(':')
-            for be in args.backends:
+            for be in backends:
                 names.append((a, be))
             names.append((b, None))
         names = list(dict.fromkeys(names))
@@ -81,6 +85,13 @@ def main(argv=None):
                     print(f'skip {key} at {img}: {type(e).__name__}: {e}')
                     continue
                 model.train(mode == 'train')
+                if be == 'triton':
+                    def probe(model=model):
+                        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            model(x[:1])
+                    if not runs_triton(probe):
+                        print(f'skip {key} at {img}: the triton backend fell back (its reason is logged above)')
+                        continue
                 run = torch.compile(model) if args.compile else model
                 opt = torch.optim.SGD(model.parameters(), lr=1e-4) if mode == 'train' else None
 

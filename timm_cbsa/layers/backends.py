@@ -12,13 +12,18 @@ Backends (``BACKENDS``):
                  (``_scaled_dot_product_flash_attention_for_cpu`` on CPU, flash / memory-efficient on CUDA)
                  returns it together with its log-sum-exp; the broadcast Aᵀ·Y is rebuilt as exp(s·W Q_iniᵀ − lse)·Y.
                  Same memory-saving autograd function as 'fused'.
+* ``'triton'``   the Triton kernels in ``timm_cbsa/kernels/cbsa`` (CUDA): A = softmax_N(s·Q_ini Wᵀ) lives only in
+                 on-chip memory, token block by token block, in forward and backward. Probed once per (device, dtype,
+                 head dim, m) with a parity run against the float64 reference; where Triton, the device or the shape
+                 is unsupported it falls back to 'fused' and logs the reason once. Under torch.compile it runs 'fused'.
 * ``'xformers'`` as 'sdpa', with ``xformers.ops.fmha`` for the extraction ([B, M, H, K] layout). Probed once per
                  (device, dtype, head-dim class), cached; when it cannot run (CPU, missing package, unsupported
                  shape) it falls back to 'sdpa' and logs the reason once.
 
 Selection, highest priority first: the layer's ``backend=`` argument, ``use_backend(...)`` / ``set_backend(...)``,
-the environment variable ``TIMM_CBSA_BACKEND`` (read at import), then 'fused' (the default: it matches 'eager' to
-~1e-7 in float32 and is the fastest on CPU; 'eager' stays the readable reference). Attention dropout while training
+the environment variable ``TIMM_CBSA_BACKEND`` (read at import), then 'auto' (the default: 'triton' on CUDA where
+its probe passes, else 'fused', which matches 'eager' to ~1e-7 in float32 and is the fastest on CPU; 'eager' stays
+the readable reference). Attention dropout while training
 always runs 'eager' (only the reference path has it); TorchScript always runs 'eager' (see ``CBSA.forward``).
 
 Tracing: ``torch.fx`` keeps the fused call as one leaf (``_cb_apply`` below is ``torch.fx.wrap``-ed and registered
@@ -46,16 +51,16 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ('eager', 'fused', 'sdpa', 'xformers')
+BACKENDS = ('eager', 'fused', 'sdpa', 'xformers', 'triton')
 
 
 def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f'Unknown CBSA backend {name!r}; choose one of {BACKENDS}.')
+    if name not in BACKENDS and name != 'auto':
+        raise ValueError(f'Unknown CBSA backend {name!r}; choose one of {BACKENDS} or \'auto\'.')
     return name
 
 
-_BACKEND = _check(os.environ.get('TIMM_CBSA_BACKEND', 'fused'))
+_BACKEND = _check(os.environ.get('TIMM_CBSA_BACKEND', 'auto'))
 
 def set_backend(name: str) -> None:
     """Set the process-wide default CBSA backend."""
@@ -219,6 +224,12 @@ def _cb_apply(backend: str, w: torch.Tensor, r: Optional[torch.Tensor], step_rep
     """FX leaf: picks the extraction kernel from device / dtype (a data-dependent decision) and applies the
     memory-saving contract-and-broadcast (``fused.py``) with autocast off inside: it handles precision itself
     (half-precision products, float32 softmax statistics), the same way in forward and backward."""
+    if backend in ('triton', 'auto'):
+        if _triton_runs(backend, w, r.shape[-2] if r is not None else pool[1][0] * pool[1][1]):
+            from ..kernels.cbsa import contract_and_broadcast_triton
+            with torch.autocast(device_type=w.device.type, enabled=False):
+                return contract_and_broadcast_triton(w, step_rep, step_x, scale, pool=pool, r=r)
+        backend = 'fused'
     if backend == 'fused':
         impl = 'fused'
     else:
@@ -238,6 +249,24 @@ def _cb_apply(backend: str, w: torch.Tensor, r: Optional[torch.Tensor], step_rep
 torch.fx.wrap('_cb_apply')
 
 
+_TRITON_LOGGED = set()
+
+
+def _triton_runs(backend: str, w: torch.Tensor, m: int) -> bool:
+    """Whether the Triton kernels take this call ('triton' asked for, or 'auto' on CUDA): their probe is cached per
+    (device, dtype, head dim, m); a failing one is logged once per key. Never probes inside torch.compile."""
+    if (backend == 'auto' and w.device.type != 'cuda') or torch.compiler.is_compiling():
+        return False
+    from ..kernels.cbsa import triton_probe
+    reason = triton_probe(w.device, w.dtype, w.shape[-1], m)
+    key = (w.device.type, w.dtype, w.shape[-1], m)
+    if reason is not None and key not in _TRITON_LOGGED:
+        _TRITON_LOGGED.add(key)
+        _logger.warning('CBSA: triton backend unavailable for %s/%s/d=%d/m=%d, falling back to fused: %s',
+                        w.device.type, w.dtype, w.shape[-1], m, reason)
+    return reason is None
+
+
 def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: float,
                                  pool: Optional[tuple] = None) -> torch.Tensor:
     """w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d), same result as ``CBSA.contract_and_broadcast``.
@@ -248,8 +277,8 @@ def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: fl
     The result has w's memory layout, so ``out.transpose(1, 2).reshape(B, N, C)`` is a view when w came from the
     usual ``qkv(x).reshape(B, N, H, d).transpose(1, 2)``.
     """
-    if backend not in ('fused', 'sdpa', 'xformers'):
-        raise ValueError(f'Unknown fused CBSA backend {backend!r}; choose one of {BACKENDS[1:]}.')
+    if backend not in ('fused', 'sdpa', 'xformers', 'triton', 'auto'):
+        raise ValueError(f'Unknown fused CBSA backend {backend!r}; choose one of {BACKENDS[1:]} or \'auto\'.')
     if (r is None) == (pool is None):
         raise ValueError('fused_contract_and_broadcast: pass either r or pool.')
     return _cb_apply(backend, w, r, step_rep, step_x, scale, pool)
