@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import socket
 import time
 import uuid

@@ -227,3 +227,21 @@ def test_loop_hands_only_training_device_tensors_to_collectives(tmp_path, monkey
     monkeypatch.setattr(Collectives, "_check", record)
     main(TINY + ["--output", str(tmp_path), "--log-interval", "1"])
     assert len(seen) >= 6 and all(a == b for a, b in seen), seen
+
+
+def test_streaming_sources_need_their_packages(monkeypatch):
+    """hfids/ (Hugging Face streaming) is accepted; without `datasets` the error says what to install."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_pkg(name, *a, **k):
+        if name in ("datasets", "webdataset"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_pkg)
+    with pytest.raises(DatasetNotFoundError, match="hfids/... needs the Hugging Face datasets package"):
+        validate_args(parse_args(["--dataset", "hfids/user/imagenet", "--train-num-samples", "1000"]))
+    with pytest.raises(DatasetNotFoundError, match="wds/... needs the webdataset package"):
+        validate_args(parse_args(["--dataset", "wds/x", "--data-dir", "/"]))
+    with pytest.raises(ConfigError, match="--aug-repeats needs a map-style dataset"):
+        validate_args(parse_args(["--dataset", "wds/x", "--data-dir", "/", "--aug-repeats", "3"]), check_paths=False)

@@ -203,3 +203,15 @@ def test_linear_baseline_separable_and_random_labels():
 
     assert linear_baseline(InMemory(400), InMemory(200), 4) == 100.0  # linearly separable
     assert linear_baseline(InMemory(400, True), InMemory(400, True), 4) < 40.0  # labels unrelated: about chance
+
+
+def test_cluster_flags_train(tmp_path):
+    """--grad-checkpointing, --bce-loss, --aug-repeats, --channels-last, --lr-base in one tiny run."""
+    args = [a for a in TINY if a not in ("--lr", "3e-3")]
+    res = main(args + ["--epochs", "1", "--output", str(tmp_path), "--grad-checkpointing", "--bce-loss",
+                       "--aug-repeats", "2", "--channels-last", "--lr-base", "1e-3", "--lr-base-size", "32",
+                       "--lr-base-scale", "linear"])
+    assert res["step"] == 128 // 16
+    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    assert ck["args"]["lr"] == pytest.approx(1e-3 * 16 / 32)  # global batch 16 = half of --lr-base-size
+    assert ck["args"]["grad_checkpointing"] and ck["args"]["bce_loss"]
