@@ -114,16 +114,19 @@ def test_folder_locked_by_a_live_process_is_refused_then_taken_over_when_it_dies
 def test_two_concurrent_runs_one_is_refused(tmp_path):
     # --resume auto for both: a second run may continue a folder, but never while another run is in it
     cmd = [sys.executable, "-m", "train.train"] + TINY + ["--output", str(tmp_path), "--resume", "auto",
-                                                          "--debug-step-delay", "4"]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.05)
-    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    out1 = first.communicate(timeout=120)[0]
-    assert first.returncode == 0, out1[-2000:]
-    assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr[-2000:]
+                                                          "--debug-step-delay", "60"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert first.poll() is None  # the first run was still training while the second tried
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and f"in use by another run (pid {first.pid}" in second.stderr, second.stderr[-2000:]
 
 
 def test_stale_tmp_cleanup_spares_live_writers(tmp_path):

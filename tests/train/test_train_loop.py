@@ -73,7 +73,8 @@ def test_max_steps_and_experiment_subdir(tmp_path):
     res = main(TINY + ["--epochs", "5", "--max-steps", "5", "--output", str(tmp_path), "--experiment", "e1"])
     assert res["step"] == 5 and res["epoch"] == 0
     path, ck = find_resume_checkpoint(str(tmp_path / "e1"))
-    assert path.endswith("recovery-0-5.pth.tar")  # mid-epoch: timm's recovery checkpoint
+    # mid-epoch: timm's recovery checkpoint, and last.pth.tar is the same file (hard link)
+    assert os.path.samefile(tmp_path / "e1" / "recovery-0-5.pth.tar", tmp_path / "e1" / "last.pth.tar")
     assert ck["global_step"] == 5 and not ck["epoch_complete"] and ck["batches_done"] == 5
     # continue with a larger budget: the global step continues from 5
     res = main(TINY + ["--epochs", "5", "--max-steps", "12", "--output", str(tmp_path), "--experiment", "e1",
