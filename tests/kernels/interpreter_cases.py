@@ -119,9 +119,34 @@ def run_layer_case():
                 warnings=[r.getMessage() for r in records])
 
 
+def interpreter_problem():
+    """None when this Triton's interpreter runs a kernel with a loop bound passed at launch, else why not (Triton
+    3.6's interpreter cannot with numpy 2: it calls int() on 1-element arrays)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop(x_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for n0 in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + n0 + tl.arange(0, BLOCK), mask=n0 + tl.arange(0, BLOCK) < n, other=0.)
+        tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+    try:
+        x = torch.ones(40)
+        _loop[(1,)](x, 40, BLOCK=16)
+        assert x[:8].tolist() == [3.] * 8 and x[8:16].tolist() == [2.] * 8, x
+    except Exception as e:  # noqa: BLE001
+        return f'Triton {triton.__version__} interpreter cannot run a launch-time loop bound: {type(e).__name__}: {e}'
+    return None
+
+
 def main(argv):
     if os.environ.get('TRITON_INTERPRET') != '1':
         raise SystemExit('set TRITON_INTERPRET=1 before running this worker')
+    problem = interpreter_problem()
+    if problem is not None:
+        print(json.dumps({'interpreter_unusable': problem}), flush=True)
+        return
     from timm_cbsa.kernels.cbsa import kernels
     interpreted = type(kernels._broadcast_fwd).__name__   # InterpretedFunction under TRITON_INTERPRET=1
     wanted = set(argv)

@@ -49,7 +49,7 @@ def _extract_partial(
     """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): running max, Σ exp(s − max) and Σ exp(s − max) W."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
     h = pid_bh % H
     ACC = pmx_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
@@ -93,7 +93,7 @@ def _combine_contract(
     Q = R + ηZ, P = softmax(s·Q Qᵀ), C = P Q, all in ACC with 'ieee' products."""
     pid_bh = tl.program_id(0)
     BH = tl.num_programs(0)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
     h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -154,7 +154,7 @@ def _broadcast_fwd(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
     h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
@@ -188,7 +188,7 @@ def _ag_partial(
     """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK), A rebuilt per token block."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
     h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
@@ -271,7 +271,7 @@ def _broadcast_bwd(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
     h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
