@@ -517,9 +517,18 @@ class Trainer:
         """Called by submitit (global rank 0) on timeout/preemption: requeue the same job arguments; the
         training entry point's ``--resume auto`` (or, for a script, the newest checkpoint in its run folder)
         picks up where it stopped."""
+        import signal
+
         import submitit
 
         self._requeued = True
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # submitit runs `scontrol requeue` right after this returns. The requeue makes slurmd SIGTERM every
+            # process of the job step, that scontrol child included: when it is hit before it exits, submitit
+            # sees "died with SIGTERM" and fails the job instead of requeueing it (seen on the loaded test
+            # cluster). An ignored signal stays ignored across exec, so the child cannot be killed that way;
+            # this process is about to exit, and submitit only logs SIGTERM anyway.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"[slurm.launch] checkpoint requested: requeueing; the next run resumes from the newest "
               f"checkpoint in {self.output_template}", flush=True)
         return submitit.helpers.DelayedSubmission(

@@ -289,3 +289,23 @@ def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
     with pytest.raises(SystemExit):
         t._check_exit(SystemExit(-1), "x:y")
     assert pickle.loads(pickle.dumps(t))._requeued is False
+
+
+def test_checkpoint_in_a_slurm_job_shields_the_requeue_command_from_sigterm(tmp_path):
+    """In a SLURM job, checkpoint() leaves SIGTERM ignored so that the `scontrol requeue` submitit runs next is
+    not killed by the SIGTERM the requeue itself makes slurmd send to the job step (a race seen under load)."""
+    code = (
+        "import os, signal, subprocess, sys\n"
+        "from slurm import launch\n"
+        "os.environ['SUBMITIT_EXECUTOR'] = 'slurm'\n"
+        "launch.Trainer('x:y', [], '/tmp/%j').checkpoint()\n"
+        "r = subprocess.run(['sh', '-c', 'kill -TERM $$; echo survived'], capture_output=True, text=True)\n"
+        "print('child', r.returncode, r.stdout.strip())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert "child 0 survived" in r.stdout, (r.stdout, r.stderr)
+    # outside a SLURM job (e.g. this test process, --local) nothing changes
+    code_local = code.replace("os.environ['SUBMITIT_EXECUTOR'] = 'slurm'\n", "")
+    r = subprocess.run([sys.executable, "-c", code_local], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "SUBMITIT_EXECUTOR"}, timeout=120)
+    assert f"child {-15}" in r.stdout, (r.stdout, r.stderr)
