@@ -2,7 +2,8 @@
 
 Layout of a run folder (``--output DIR`` [+ ``--experiment NAME``]), written by rank 0 only:
 
-* ``last.pth.tar``                  newest end-of-epoch checkpoint (timm's ``CheckpointSaver.save_checkpoint``).
+* ``last.pth.tar``                  the newest checkpoint, end-of-epoch or mid-epoch (a hard link to the newest
+                                    recovery file).
 * ``checkpoint-<E>.pth.tar``        end-of-epoch checkpoints ranked by the eval metric, ``--checkpoint-hist`` kept.
 * ``model_best.pth.tar``            the best of them.
 * ``recovery-<E>-<B>.pth.tar``      mid-epoch checkpoints (``--checkpoint-interval-steps``, a preemption signal,
@@ -303,6 +304,18 @@ class Saver(CheckpointSaver):
     def _replace(self, src, dst):
         os.replace(src, dst)
         _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+    def save_recovery(self, epoch, batch_idx=0):
+        """timm's recovery file, and ``last.pth.tar`` pointed at it (a hard link, swapped in atomically), so
+        ``last.pth.tar`` is always the newest checkpoint of the run, mid-epoch ones included."""
+        super().save_recovery(epoch, batch_idx)
+        last = os.path.join(self.checkpoint_dir, LAST_NAME)
+        tmp = os.path.join(self.checkpoint_dir, f".{LAST_NAME}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            os.link(self.curr_recovery_file, tmp)
+        except OSError:  # no hard links on this file system: copy
+            shutil.copyfile(self.curr_recovery_file, tmp)
+        self._replace(tmp, last)
 
     def remove_recovery(self) -> None:
         """Drop mid-epoch recovery files once an end-of-epoch checkpoint supersedes them."""

@@ -114,16 +114,19 @@ def test_folder_locked_by_a_live_process_is_refused_then_taken_over_when_it_dies
 def test_two_concurrent_runs_one_is_refused(tmp_path):
     # --resume auto for both: a second run may continue a folder, but never while another run is in it
     cmd = [sys.executable, "-m", "train.train"] + TINY + ["--output", str(tmp_path), "--resume", "auto",
-                                                          "--debug-step-delay", "4"]
-    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
-        assert time.time() < deadline and first.poll() is None
-        time.sleep(0.05)
-    second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    out1 = first.communicate(timeout=120)[0]
-    assert first.returncode == 0, out1[-2000:]
-    assert second.returncode == 2 and "in use by another run" in second.stderr, second.stderr[-2000:]
+                                                          "--debug-step-delay", "60"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / ".lock").exists() or not (tmp_path / ".lock").read_text():
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert first.poll() is None  # the first run was still training while the second tried
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and f"in use by another run (pid {first.pid}" in second.stderr, second.stderr[-2000:]
 
 
 def test_stale_tmp_cleanup_spares_live_writers(tmp_path):
@@ -227,3 +230,21 @@ def test_loop_hands_only_training_device_tensors_to_collectives(tmp_path, monkey
     monkeypatch.setattr(Collectives, "_check", record)
     main(TINY + ["--output", str(tmp_path), "--log-interval", "1"])
     assert len(seen) >= 6 and all(a == b for a, b in seen), seen
+
+
+def test_streaming_sources_need_their_packages(monkeypatch):
+    """hfids/ (Hugging Face streaming) is accepted; without `datasets` the error says what to install."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_pkg(name, *a, **k):
+        if name in ("datasets", "webdataset"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_pkg)
+    with pytest.raises(DatasetNotFoundError, match="hfids/... needs the Hugging Face datasets package"):
+        validate_args(parse_args(["--dataset", "hfids/user/imagenet", "--train-num-samples", "1000"]))
+    with pytest.raises(DatasetNotFoundError, match="wds/... needs the webdataset package"):
+        validate_args(parse_args(["--dataset", "wds/x", "--data-dir", "/"]))
+    with pytest.raises(ConfigError, match="--aug-repeats needs a map-style dataset"):
+        validate_args(parse_args(["--dataset", "wds/x", "--data-dir", "/", "--aug-repeats", "3"]), check_paths=False)

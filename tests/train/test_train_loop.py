@@ -73,7 +73,8 @@ def test_max_steps_and_experiment_subdir(tmp_path):
     res = main(TINY + ["--epochs", "5", "--max-steps", "5", "--output", str(tmp_path), "--experiment", "e1"])
     assert res["step"] == 5 and res["epoch"] == 0
     path, ck = find_resume_checkpoint(str(tmp_path / "e1"))
-    assert path.endswith("recovery-0-5.pth.tar")  # mid-epoch: timm's recovery checkpoint
+    # mid-epoch: timm's recovery checkpoint, and last.pth.tar is the same file (hard link)
+    assert os.path.samefile(tmp_path / "e1" / "recovery-0-5.pth.tar", tmp_path / "e1" / "last.pth.tar")
     assert ck["global_step"] == 5 and not ck["epoch_complete"] and ck["batches_done"] == 5
     # continue with a larger budget: the global step continues from 5
     res = main(TINY + ["--epochs", "5", "--max-steps", "12", "--output", str(tmp_path), "--experiment", "e1",
@@ -203,3 +204,15 @@ def test_linear_baseline_separable_and_random_labels():
 
     assert linear_baseline(InMemory(400), InMemory(200), 4) == 100.0  # linearly separable
     assert linear_baseline(InMemory(400, True), InMemory(400, True), 4) < 40.0  # labels unrelated: about chance
+
+
+def test_cluster_flags_train(tmp_path):
+    """--grad-checkpointing, --bce-loss, --aug-repeats, --channels-last, --lr-base in one tiny run."""
+    args = [a for a in TINY if a not in ("--lr", "3e-3")]
+    res = main(args + ["--epochs", "1", "--output", str(tmp_path), "--grad-checkpointing", "--bce-loss",
+                       "--aug-repeats", "2", "--channels-last", "--lr-base", "1e-3", "--lr-base-size", "32",
+                       "--lr-base-scale", "linear"])
+    assert res["step"] == 128 // 16
+    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    assert ck["args"]["lr"] == pytest.approx(1e-3 * 16 / 32)  # global batch 16 = half of --lr-base-size
+    assert ck["args"]["grad_checkpointing"] and ck["args"]["bce_loss"]

@@ -81,7 +81,7 @@ def test_sigterm_checkpoint_then_resume_continues_from_that_step(tmp_path):
     assert p.returncode == -signal.SIGTERM, p.stdout[-2000:] + p.stderr[-2000:]
     assert _preempt_step(p.stdout + p.stderr) == 7
     path, ck = find_resume_checkpoint(str(tmp_path))
-    assert path.endswith("recovery-0-7.pth.tar") and ck["global_step"] == 7
+    assert (tmp_path / "recovery-0-7.pth.tar").exists() and ck["global_step"] == 7
     res = _train(NO_PERIODIC + ["--output", str(tmp_path), "--resume", "auto", "--max-steps", "9"])
     assert "global step 7" in res.stdout + res.stderr
     assert find_resume_checkpoint(str(tmp_path))[1]["global_step"] == 9
@@ -106,3 +106,23 @@ def test_previous_handler_runs_after_the_checkpoint(tmp_path):
     assert p.returncode == 3, p.stdout[-2000:] + p.stderr[-2000:]
     assert "previous handler ran" in p.stdout and "recovery-0-5.pth.tar" in p.stdout
     assert find_resume_checkpoint(str(tmp_path))[1]["global_step"] == 5
+
+
+def test_run_goes_on_when_the_previous_handler_returns(tmp_path):
+    """submitit ignores SIGTERM (it waits for USR2): after the checkpoint the run goes on, with the handler
+    re-installed, so a later signal is caught again."""
+    script = textwrap.dedent(f"""
+        import signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        signal.signal(signal.SIGTERM, lambda s, f: print("bypassed", flush=True))
+        from train.train import main
+        res = main({NO_PERIODIC + ["--output", str(tmp_path), "--debug-signal-at-step", "5", "--max-steps", "8"]!r})
+        print("finished at step", res["step"], flush=True)
+        print("handler restored:", signal.getsignal(signal.SIGTERM).__name__ == "<lambda>", flush=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=240)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert _preempt_step(p.stdout + p.stderr) == 5
+    assert "bypassed" in p.stdout and "finished at step 8" in p.stdout
+    assert "handler restored: True" in p.stdout

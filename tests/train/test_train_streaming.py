@@ -100,3 +100,21 @@ def test_wds_shards_train_and_resume_at_the_epoch_boundary(shards, tmp_path):
     p = _run(shards, tmp_path / "a", ["--resume", "auto"])
     assert f"global step {N_TRAIN // 32}" in p.stdout + p.stderr
     assert load_checkpoint_file(str(tmp_path / "a" / "last.pth.tar"))["global_step"] == 2 * (N_TRAIN // 32)
+
+
+@pytest.mark.slow
+def test_wds_two_gloo_processes_split_the_shards(shards, tmp_path):
+    """2 ranks x 0 workers: timm's reader gives each rank 2 of the 4 train shards (192 samples = 6 batches of 32)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "train.train", "--dataset", "wds/fmnist", "--data-dir", str(shards), "--train-split", "train",
+           "--val-split", "validation", "--img-size", "28", "--in-chans", "1", "--num-classes", "10",
+           "--model", "cbsa_vit_tiny", "--model-kwargs", "patch_size=7", "rep_grid=2", "embed_dim=32", "depth=1",
+           "num_heads=2", "--batch-size", "32", "--epochs", "1", "--lr", "3e-3", "--workers", "0",
+           "--threads", "1", "--output", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    assert ck["world_size"] == 2 and ck["global_step"] == N_TRAIN // 2 // 32 and len(ck["rng_states"]) == 2
