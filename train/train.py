@@ -173,11 +173,11 @@ def _pixels(ds):
     if images is None or targets is None:
         return None
     n = len(ds)
-    x = torch.from_numpy(images[:n].reshape(n, -1)).float() / 255.0
-    return x, torch.from_numpy(targets[:n]).long()
+    x = torch.tensor(images[:n].reshape(n, -1), dtype=torch.float32) / 255.0
+    return x, torch.tensor(targets[:n], dtype=torch.long)
 
 
-def linear_baseline(train_ds, eval_ds, num_classes: int, iters: int = 100) -> Optional[float]:
+def linear_baseline(train_ds, eval_ds, num_classes: int, iters: int = 50) -> Optional[float]:
     """Test top-1 of a multinomial logistic regression on the raw pixels of the training set (full-batch L-BFGS,
     features standardised with the training statistics, L2 1e-4). Needs an in-memory dataset (``.images``)."""
     train, test = _pixels(train_ds), _pixels(eval_ds)
@@ -469,6 +469,16 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
             raise NonFiniteLossError(msg)
         return vals
 
+    def hand_over(epoch, batches_done):
+        """After the preemption checkpoint: every rank hands its signal to the handler that was there before."""
+        nonlocal handler
+        _logger.warning("Preemption signal: checkpoint written at epoch %d, batch %d (optimizer step %d); "
+                        "handing over to the scheduler.", epoch, batches_done, global_step)
+        coll.barrier()  # nobody leaves before rank 0 has written the checkpoint
+        if handler.requested:
+            handler.finish()  # submitit: checkpoint() + requeue + exit; no handler before: terminate
+            handler = preempt.install()  # the previous handler let the run go on (submitit ignores TERM)
+
     try:
         for epoch in range(start_epoch, num_epochs):
             if stopped:
@@ -552,12 +562,7 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
                 if ckpt_now or preempting:
                     save(epoch, batch_idx + 1, False)
                 if preempting:
-                    _logger.warning("Preemption signal: checkpoint written at epoch %d, batch %d (optimizer step %d); "
-                                    "handing over to the scheduler.", epoch, batch_idx + 1, global_step)
-                    coll.barrier()  # nobody leaves before rank 0 has written the checkpoint
-                    if handler.requested:
-                        handler.finish()  # submitit: checkpoint() + requeue + exit; no handler before: terminate
-                        handler = preempt.install()  # the previous handler let the run go on (submitit's TERM)
+                    hand_over(epoch, batch_idx + 1)
             # ---- end of epoch (or of the run: --max-steps) --------------------------------------
             vals = sync(stats, epoch, batch_idx)
             train_rate = vals[2] / max(time.time() - t_epoch, 1e-9)  # global img/s of the training phase
@@ -589,6 +594,8 @@ def _train(args, device, coll: Collectives, out_dir: str) -> Dict[str, Any]:
                         tb.add_scalar(f"eval/{k}", v, epoch)
                     tb.add_scalar("train/epoch_loss", train_metrics["loss"], epoch)
             save(epoch, batch_idx + 1, complete, eval_metrics)
+            if vals[4] > 0:  # signalled during the epoch's last step
+                hand_over(epoch, batch_idx + 1)
             last_epoch = epoch
             stopped = args.max_steps is not None and global_step >= args.max_steps
     finally:

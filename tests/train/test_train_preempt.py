@@ -126,3 +126,14 @@ def test_run_goes_on_when_the_previous_handler_returns(tmp_path):
     assert _preempt_step(p.stdout + p.stderr) == 5
     assert "bypassed" in p.stdout and "finished at step 8" in p.stdout
     assert "handler restored: True" in p.stdout
+
+
+def test_signal_during_the_last_step_of_an_epoch(tmp_path):
+    """The epoch-end checkpoint is the preemption checkpoint; then the signal is handed on."""
+    p = subprocess.run([sys.executable, "-m", "train.train"] + NO_PERIODIC +
+                       ["--output", str(tmp_path), "--debug-signal-at-step", str(STEPS // 2), "--debug-signal",
+                        str(int(signal.SIGTERM))], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert p.returncode == -signal.SIGTERM, p.stdout[-2000:] + p.stderr[-2000:]
+    assert _preempt_step(p.stdout + p.stderr) == STEPS // 2
+    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    assert ck["global_step"] == STEPS // 2 and ck["epoch"] == 0 and ck["epoch_complete"]
