@@ -36,10 +36,13 @@ import argparse
 import importlib
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -467,22 +470,60 @@ class Trainer:
         print(f"[slurm.launch] job {job_id} restart {restart} rank {dist_env['RANK']}/{dist_env['WORLD_SIZE']} "
               f"local_rank {dist_env['LOCAL_RANK']} master {dist_env['MASTER_ADDR']}:{dist_env['MASTER_PORT']} "
               f"host {socket.gethostname()} node {os.environ.get('SLURMD_NODENAME', '-')}", flush=True)
-        if self.script is not None:
-            return self._run_script(output_dir, job_id)
-        argv = finalize_train_argv(self.train_argv, output_dir, job_id)
-        print(f"[slurm.launch] {self.entry} {shlex.join(argv)}", flush=True)
+        self._watch_requeue_signal(job_env)
         try:
-            return resolve_entry(self.entry)(argv)
-        except SystemExit as e:
-            self._check_exit(e, self.entry)
-            return None
+            if self.script is not None:
+                return self._run_script(output_dir, job_id)
+            argv = finalize_train_argv(self.train_argv, output_dir, job_id)
+            print(f"[slurm.launch] {self.entry} {shlex.join(argv)}", flush=True)
+            try:
+                return resolve_entry(self.entry)(argv)
+            except SystemExit as e:
+                self._check_exit(e, self.entry)
+                return None
+        except Exception:
+            rank = int(os.environ.get("RANK", "0"))
+            if rank != 0 and self._got_requeue_signal():
+                # rank 0 has left to requeue the job, so this rank's next collective failed: expected. An error
+                # result here would be read by the submitter as the job's outcome (it polls every task's result
+                # file) although the requeued run is about to report; leave without one.
+                traceback.print_exc()
+                print(f"[slurm.launch] rank {rank} failed after the job's requeue signal (rank 0 left to requeue "
+                      f"the job); exiting without a result: the requeued run reports instead", file=sys.stderr,
+                      flush=True)
+                raise SystemExit(1) from None
+            raise
+
+    def _watch_requeue_signal(self, job_env) -> None:
+        """Record submitit's checkpoint-and-requeue signal (USR2) in this process, then hand it on unchanged."""
+        self._signalled = False
+        try:
+            sig = job_env._usr_sig()
+        except Exception:  # noqa: BLE001 - private submitit API: fall back to its default
+            sig = getattr(signal, "SIGUSR2", None)
+        if sig is None or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            return
+        self._requeue_sig = sig
+
+        def on_requeue_signal(signum, frame):
+            self._signalled = True
+            return previous(signum, frame)
+
+        signal.signal(sig, on_requeue_signal)
+
+    def _got_requeue_signal(self) -> bool:
+        sig = getattr(self, "_requeue_sig", getattr(signal, "SIGUSR2", None))
+        return bool(getattr(self, "_signalled", False)) or sig in _preempt_signals()
 
     def _check_exit(self, e: SystemExit, what: str) -> None:
         """sys.exit inside the training code. It passes through, leaving no result, after a preemption / time-out
         signal: submitit's own exit after the requeue, or the trainer leaving after its signal-time checkpoint
         (a result pickle would make the submitter think the requeued job had finished). Otherwise exit 0 is a
         normal end and any other status fails the job with a traceback (instead of an output-less dead task)."""
-        if self._requeued or _preempt_signals():
+        if self._requeued or _preempt_signals() or getattr(self, "_signalled", False):
             raise e
         if e.code not in (0, None):
             raise RuntimeError(f"{what} exited with status {e.code}") from e
@@ -509,7 +550,7 @@ class Trainer:
                     rank=int(os.environ.get("RANK", "0")), restart=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
 
     def __getstate__(self) -> Dict[str, Any]:
-        state = dict(self.__dict__)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_signalled", "_requeue_sig")}
         state["_requeued"] = False
         return state
 
@@ -520,6 +561,13 @@ class Trainer:
         import submitit
 
         self._requeued = True
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            # submitit runs `scontrol requeue` right after this returns. The requeue makes slurmd SIGTERM every
+            # process of the job step, that scontrol child included: when it is hit before it exits, submitit
+            # sees "died with SIGTERM" and fails the job instead of requeueing it (seen on the loaded test
+            # cluster). An ignored signal stays ignored across exec, so the child cannot be killed that way;
+            # this process is about to exit, and submitit only logs SIGTERM anyway.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"[slurm.launch] checkpoint requested: requeueing; the next run resumes from the newest "
               f"checkpoint in {self.output_template}", flush=True)
         return submitit.helpers.DelayedSubmission(

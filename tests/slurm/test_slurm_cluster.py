@@ -26,8 +26,10 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _common(cluster, job_dir) -> list:
+    # --timeout 20: submitit calls a signal a time-out when the job ran >= min(0.8 T, T - 10 min) (any time at
+    # all for T <= 10 min); with 20 min a signal in the first 10 minutes is a preemption, as on a real cluster
     return ["--partition", cluster["partition"], "--gpus-per-node", "0", "--cpus-per-task", "1",
-            "--timeout", "10", "--signal-delay-s", "30", "--job-name", "cbsa-test", "--job-dir", str(job_dir)]
+            "--timeout", "20", "--signal-delay-s", "30", "--job-name", "cbsa-test", "--job-dir", str(job_dir)]
 
 
 def _sacct_state(job_id: str) -> str:
@@ -180,8 +182,13 @@ def test_signal_checkpoint_requeue_resume_continues_step_counter(slurm_cluster, 
     assert "restart 1" in task0, task0[-2000:]
     if how != "scontrol_requeue":
         # submitit's handler ran after the trainer's checkpoint (else interval 0 would leave nothing to resume
-        # from) and requeued the job itself
-        assert "Caught signal SIGUSR2" in task0 and "Requeued job" in task0, task0[-3000:]
+        # from) and requeued the job itself, as a preemption (no time-out used up)
+        assert "Caught signal SIGUSR2" in task0 and "this job is preempted" in task0, task0[-3000:]
+        assert re.search(r"Requeued job \d+ \(30 remaining timeouts\)", task0), task0[-3000:]
+        if how == "preemption":  # rank 1 got the signals too; it wrote the checkpoint with rank 0, then submitit
+            task1 = logs.get(f"{job.job_id}_1_log.err", "")  # left the requeue to rank 0
+            assert "Not checkpointing nor requeuing since I am a slave (procid=1)" in task1, task1[-3000:]
+            assert "Preemption signal: checkpoint written" in task1, task1[-3000:]
     else:
         assert "Requeued job" not in task0  # SLURM requeued it; submitit's USR2 path was not involved
 

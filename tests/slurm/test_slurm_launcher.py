@@ -289,3 +289,59 @@ def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
     with pytest.raises(SystemExit):
         t._check_exit(SystemExit(-1), "x:y")
     assert pickle.loads(pickle.dumps(t))._requeued is False
+
+
+def test_checkpoint_in_a_slurm_job_shields_the_requeue_command_from_sigterm(tmp_path):
+    """In a SLURM job, checkpoint() leaves SIGTERM ignored so that the `scontrol requeue` submitit runs next is
+    not killed by the SIGTERM the requeue itself makes slurmd send to the job step (a race seen under load)."""
+    code = (
+        "import os, signal, subprocess, sys\n"
+        "from slurm import launch\n"
+        "os.environ['SUBMITIT_EXECUTOR'] = 'slurm'\n"
+        "launch.Trainer('x:y', [], '/tmp/%j').checkpoint()\n"
+        "r = subprocess.run(['sh', '-c', 'kill -TERM $$; echo survived'], capture_output=True, text=True)\n"
+        "print('child', r.returncode, r.stdout.strip())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert "child 0 survived" in r.stdout, (r.stdout, r.stderr)
+    # outside a SLURM job (e.g. this test process, --local) nothing changes
+    code_local = code.replace("os.environ['SUBMITIT_EXECUTOR'] = 'slurm'\n", "")
+    r = subprocess.run([sys.executable, "-c", code_local], capture_output=True, text=True, cwd=REPO_ROOT,
+                       env={k: v for k, v in os.environ.items() if k != "SUBMITIT_EXECUTOR"}, timeout=120)
+    assert f"child {-15}" in r.stdout, (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("rank, signalled, outcome", [("1", True, SystemExit), ("1", False, RuntimeError),
+                                                      ("0", True, RuntimeError)])
+def test_rank_failure_after_the_requeue_signal_leaves_no_result(monkeypatch, tmp_path, rank, signalled, outcome):
+    """Rank != 0 whose training fails after USR2 (its collective lost rank 0, which left to requeue the job)
+    exits without a result (SystemExit); any other failure stays an error result with its traceback."""
+    import signal as _signal
+
+    import submitit
+
+    class FakeJobEnv:
+        job_id = raw_job_id = "7"
+
+        def _usr_sig(self):
+            return _signal.SIGUSR2
+
+    submitit_handler_calls = []
+
+    def train(argv):
+        if signalled:
+            os.kill(os.getpid(), _signal.SIGUSR2)
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(submitit, "JobEnvironment", FakeJobEnv)
+    monkeypatch.setattr(launch, "setup_distributed_env", lambda port: dict(
+        RANK=rank, WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"))
+    monkeypatch.setattr(launch, "resolve_entry", lambda entry: train)
+    monkeypatch.setenv("RANK", rank)
+    old = _signal.signal(_signal.SIGUSR2, lambda s, f: submitit_handler_calls.append(s))  # stands for submitit's
+    try:
+        with pytest.raises(outcome):
+            launch.Trainer("x:y", [], str(tmp_path / "%j"))()
+    finally:
+        _signal.signal(_signal.SIGUSR2, old)
+    assert submitit_handler_calls == ([_signal.SIGUSR2] if signalled else [])  # still handed on to submitit

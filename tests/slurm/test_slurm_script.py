@@ -86,7 +86,7 @@ def _summary_epochs(run_dir: Path) -> list:
     return [int(float(r[0])) for r in csv.reader(lines)]
 
 
-def test_timm_train_py_runs_by_path_and_resumes(slurm_cluster, in_repo_root, tmp_path, timm_train_py,
+def test_timm_train_py_runs_by_path_and_resumes(timm_train_py, slurm_cluster, in_repo_root, tmp_path,
                                                 tiny_image_folder):
     """timm's train.py via --script, one task (timm's train.py wraps DDP with device_ids=[device], which torch
     refuses for CPU modules, so it cannot run multi-process on CPU; the env it reads is the one the multi-node
