@@ -177,7 +177,7 @@ def _pixels(ds):
     return x, torch.tensor(targets[:n], dtype=torch.long)
 
 
-def linear_baseline(train_ds, eval_ds, num_classes: int, iters: int = 50) -> Optional[float]:
+def linear_baseline(train_ds, eval_ds, num_classes: int, iters: int = 30) -> Optional[float]:
     """Test top-1 of a multinomial logistic regression on the raw pixels of the training set (full-batch L-BFGS,
     features standardised with the training statistics, L2 1e-4). Needs an in-memory dataset (``.images``)."""
     train, test = _pixels(train_ds), _pixels(eval_ds)
