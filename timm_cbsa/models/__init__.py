@@ -1,3 +1,3 @@
 from . import cbsa_vit, cbt
-from ._helpers import configure_cbsa
+from ._helpers import CBSAConfigMismatchError, cbsa_config, check_cbsa_config, configure_cbsa
 from .cbt import CBTBlock, CheckpointMismatchError, ConvStemPatchEmbed, cbt_checkpoint_filter_fn, load_official_cbt
