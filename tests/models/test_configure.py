@@ -58,7 +58,7 @@ def test_cbsa_config_reads_the_layers_and_our_models_record_it_in_model_args():
 
 def test_saved_config_round_trips_and_a_different_rep_grid_is_refused(tmp_path):
     torch.manual_seed(0)
-    model = timm.create_model('cbsa_vit_tiny', img_size=64, depth=2, num_classes=5).eval()
+    model = timm.create_model('cbsa_vit_tiny', img_size=128, depth=2, num_classes=5).eval()
     configure_cbsa(model, rep_grid=2)            # changed after construction: still saved
     with torch.no_grad():
         for b in model.blocks:
@@ -67,7 +67,7 @@ def test_saved_config_round_trips_and_a_different_rep_grid_is_refused(tmp_path):
     assert json.loads((tmp_path / 'config.json').read_text())['model_args']['rep_grid'] == [2, 2]
     loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
     assert cbsa_config(loaded) == cbsa_config(model)
-    assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(_logits(loaded, 128), _logits(model, 128))
     with pytest.raises(CBSAConfigMismatchError, match=r'rep_grid: saved \[2, 2\], model \[4, 4\]'):
         timm.create_model(f'local-dir:{tmp_path}', pretrained=True, rep_grid=4)
 
