@@ -106,11 +106,14 @@ def test_forced_kernel_parity(kernel, mode, pooling, qk_norm, monkeypatch):
           + ' '.join(f'{e:.1e}' for e in errs))
     if amp is None:
         assert max(errs) <= 1e-5, errs
-    else:   # two different half-precision computations; the step-size gradients are sums with cancellation
-        names = [n for n, _ in layer.named_parameters()]
-        steps = {2 + names.index('step_rep'), 2 + names.index('step_x')}   # run_fwd_bwd: out, dx, then parameters
-        for i, e in enumerate(errs):
-            assert e <= (8e-2 if i in steps else 3e-2), errs
+    else:   # half precision: no further from float32 than the eager path in the same precision (gradients that are
+        # sums over all tokens, e.g. the step sizes or a norm bias, cancel and show bf16 rounding in both)
+        ref32 = _run(layer, x, 'eager', None)
+        got32, eager32 = rel_errors(got, ref32), rel_errors(ref, ref32)
+        print('  vs float32: kernel ' + ' '.join(f'{e:.1e}' for e in got32)
+              + ' | eager ' + ' '.join(f'{e:.1e}' for e in eager32))
+        for i, (e, e_eager) in enumerate(zip(got32, eager32)):
+            assert e <= max(3e-2, 2 * e_eager), (i, got32, eager32)
 
 
 @pytest.mark.skipif(not CUDA, reason='N = 16k tokens is a CUDA case (minutes on CPU)')

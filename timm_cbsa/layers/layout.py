@@ -133,13 +133,15 @@ def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None,
     layers = find_grid_aware_layers(model) if layers is None else list(layers)
     grid = tuple(int(g) for g in patch_embed.grid_size)
     prefix = getattr(model, 'num_prefix_tokens', None) if set_prefix else None
+    hooked = any(isinstance(h, PatchGridHook) for h in patch_embed._forward_hooks.values())
+    if not hooked and not _is_scriptable():   # TorchScript would have to compile the hook: static grid only
+        patch_embed.register_forward_hook(PatchGridHook())
+        hooked = True
     for layer in layers:
         layer.grid_size = grid
         if prefix is not None:
             layer.num_prefix_tokens = int(prefix)
-        layer.follow_patch_embed = True
-    if not _is_scriptable() and not any(isinstance(h, PatchGridHook) for h in patch_embed._forward_hooks.values()):
-        patch_embed.register_forward_hook(PatchGridHook())
+        layer.follow_patch_embed = hooked   # without the hook another model's grid could be read
     return layers
 
 
