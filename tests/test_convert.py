@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_cbsa
+from timm_cbsa.layers.layout import current_patch_grid
 from timm_cbsa import CheckpointMismatchError, UnsupportedModelError, configure_cbsa
 from timm_cbsa.convert import VARIANTS, attention_kind, create_with_attention, load_converted, save_converted
 
@@ -192,7 +193,8 @@ def test_converted_dynamic_img_size_non_square():
     for hw in ((128, 96), (96, 160)):
         x = torch.randn(1, 3, *hw, dtype=DT)
         torch.testing.assert_close(model(x), ref(x), **TOL)
-        assert model.blocks[0].attn.grid_size == (hw[0] // 16, hw[1] // 16)
+        # the call's grid, recorded for this thread by the patch embedding; the layer's static grid is untouched
+        assert current_patch_grid() == (hw[0] // 16, hw[1] // 16) and model.blocks[0].attn.grid_size == (8, 8)
 
 
 def test_converted_model_intermediates_and_features():
@@ -257,7 +259,7 @@ def test_create_dynamic_img_size_and_features_only():
                               dynamic_img_size=True).eval()
     configure_cbsa(model, rep_grid=2)
     y = model(torch.randn(1, 3, 160, 96))
-    assert torch.isfinite(y).all() and model.blocks[0].attn.grid_size == (10, 6)
+    assert torch.isfinite(y).all() and current_patch_grid() == (10, 6)
     feats = timm.create_model('vit_tiny_patch16_224', depth=3, img_size=128, attn_layer='cbsa_star',
                               features_only=True, out_indices=(0, 1, 2))
     configure_cbsa(feats, rep_grid=4)

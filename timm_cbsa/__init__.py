@@ -8,8 +8,8 @@ models only after ``import timm_cbsa``.
 from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 
 from .layers import (
-    BACKENDS, CBSA, ISTA, GridAwareAttention, bind_patch_grid, get_backend, pool_representatives, set_backend,
-    use_backend,
+    BACKENDS, CBSA, ISTA, GridAwareAttention, bind_patch_grid, default_backend, get_backend, pool_representatives,
+    set_backend, use_backend,
 )
 
 _ATTN_LAYERS['cbsa'] = CBSA
@@ -22,8 +22,8 @@ from .layers.family import (  # noqa: E402  (the CBSA family: 'cbsa_star', 'agen
 _ATTN_LAYERS.update(FAMILY_ATTN_LAYERS)
 
 from .models import (  # noqa: E402  (registers models)
-    CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError, configure_cbsa, load_official_cbt,
-    read_state_dict,
+    CBSAConfigMismatchError, CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError, cbsa_config,
+    check_cbsa_config, configure_cbsa, load_official_cbt, read_state_dict,
 )
 
 from .convert import (  # noqa: E402  (after the models: convert uses configure_cbsa / CheckpointMismatchError)

@@ -29,8 +29,10 @@ before the model is touched: on error nothing is converted.
 
 The converted model records ``attn_layer='<ATTN name>'`` in ``model._model_args``, so ``timm.models.save_for_hf``
 writes it to ``config.json`` and ``timm.create_model('local-dir:DIR' or 'hf-hub:ORG/REPO', pretrained=True)``
-rebuilds the converted architecture (after ``import timm_cbsa``, which registers the names). A non-default
-``rep_grid`` is not serialised (no parameter depends on it): re-apply it with ``configure_cbsa(model, rep_grid=...)``.
+rebuilds the converted architecture (after ``import timm_cbsa``, which registers the names). timm's ViT constructor
+takes no ``rep_grid``, so a non-default one is not in that config: re-apply it with ``configure_cbsa(model,
+rep_grid=...)``. ``save_converted`` records it (``cbsa_config``) and ``load_converted`` refuses weights saved with
+another rep_grid / legacy_pool.
 """
 import copy
 import logging
@@ -43,7 +45,7 @@ from torch import nn
 from .layers.cbsa import CBSA
 from .layers.family import FAMILY_ATTN_LAYERS, AgentAttentionQKV, CBSAStar, LinearAttention
 from .layers.representatives import to_grid
-from .models._helpers import configure_cbsa
+from .models._helpers import cbsa_config, check_cbsa_config, configure_cbsa
 from .models.cbt import CheckpointMismatchError, _check_against, _unwrap
 
 __all__ = [
@@ -348,8 +350,10 @@ def _checkpoint_kinds(state_dict: Dict[str, torch.Tensor]) -> List[str]:
 
 
 def save_converted(model: nn.Module, path) -> None:
-    """``torch.save`` the state dict with the attention kind recorded, for ``load_converted``."""
-    torch.save({'state_dict': model.state_dict(), 'attn_layer': attention_kind(model)}, path)
+    """``torch.save`` the state dict with the attention kind and the CBSA configuration (``cbsa_config``: rep_grid,
+    legacy_pool) recorded, for ``load_converted``."""
+    torch.save({'state_dict': model.state_dict(), 'attn_layer': attention_kind(model),
+                'cbsa_config': cbsa_config(model)}, path)
 
 
 def load_converted(model: nn.Module, checkpoint: Union[str, Dict[str, Any]], strict: bool = True):
@@ -381,6 +385,8 @@ def load_converted(model: nn.Module, checkpoint: Union[str, Dict[str, Any]], str
                 f"Checkpoint attention weights look like {' / '.join(_variant(k) for k in kinds)} but the model uses "
                 f'{_variant(kind)}. Convert the model with the same variant first (supported variants: '
                 f'{sorted(VARIANTS)}).')
+    if isinstance(checkpoint, dict):   # weights trained with another rep_grid / legacy_pool compute other outputs
+        check_cbsa_config(model, checkpoint.get('cbsa_config'), strict=strict)
     if strict:
         _check_against(state_dict, model)
     return model.load_state_dict(state_dict, strict=strict)

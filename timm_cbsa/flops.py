@@ -32,7 +32,7 @@ def count_flops(model: torch.nn.Module, img_size: int = 224, in_chans: int = 3) 
     device = next(model.parameters()).device
     x = torch.zeros(1, in_chans, img_size, img_size, device=device)
     counter = FlopCounterMode(display=False)
-    with use_backend('eager'), counter, torch.no_grad():
+    with use_backend(model, 'eager'), counter, torch.no_grad():
         model(x)
     return counter.get_total_flops()
 

@@ -83,14 +83,14 @@ def test_matches_timm_attention_extract_hook(cbt):
     # like timm's own Attention (TIMM_FUSED_ATTN=0), the matrix is only materialised on the eager path
     x = _photo()
     tr = trace_model(cbt, x)
-    with use_backend('eager'):
+    with use_backend(cbt, 'eager'):
         got = AttentionExtract(cbt, method='hook')(x)        # default '*attn_drop' modules
     assert list(got) == [f'blocks.{i}.attn.attn_drop' for i in range(12)]
     for i, layer in enumerate(tr.layers):
         assert layer.kind == 'representative'
         torch.testing.assert_close(extraction_matrix(layer), got[f'blocks.{i}.attn.attn_drop'], rtol=1e-5, atol=1e-6)
     # the fx route with timm's default names ('*attn.softmax'): the extraction softmax is a traced node
-    with use_backend('eager'):
+    with use_backend(cbt, 'eager'):
         fx = AttentionExtract(cbt, method='fx')(x)
     assert list(fx) == [f'blocks.{i}.attn.softmax' for i in range(12)]
     torch.testing.assert_close(fx['blocks.0.attn.softmax'], extraction_matrix(tr.layers[0]), rtol=1e-5, atol=1e-6)

@@ -119,6 +119,6 @@ def test_autocast_bf16_model_runs_triton(monkeypatch):
     assert calls and torch.isfinite(y).all()
     with torch.autocast('cuda', dtype=torch.bfloat16), torch.no_grad():
         from timm_cbsa import use_backend
-        with use_backend('eager'):
+        with use_backend(model, 'eager'):
             y_ref = model(x)
     assert rel_errors([y.detach().float()], [y_ref.float()])[0] <= 5e-2

@@ -10,16 +10,16 @@ import pytest
 import timm
 import torch
 
-import timm_cbsa  # noqa: F401  (registers the models)
+import timm_cbsa
 from timm_cbsa.layers import backends, fused
-from timm_cbsa.layers.backends import (BACKENDS, fused_contract_and_broadcast, get_backend, resolve_backend,
-                                       set_backend, use_backend)
+from timm_cbsa.layers.backends import BACKENDS, fused_contract_and_broadcast, get_backend, set_backend, use_backend
 from timm_cbsa.layers.fused import ContractBroadcast
 from timm_cbsa.layers.cbsa import CBSA
 
 from backend_checks import rel_errors, run_fwd_bwd  # tests/support
 
 FUSED = [b for b in BACKENDS if b != 'eager']
+BACKENDS = list(BACKENDS)
 
 
 def _layer(grid, rep, prefix, dim=64, heads=4):
@@ -175,31 +175,131 @@ def test_output_layout_makes_merge_free(monkeypatch):
     assert out.transpose(1, 2).is_contiguous()
 
 
-def test_selection_priority_and_context_manager():
-    w = torch.empty(1)
+def test_backend_is_decided_at_construction_shown_in_repr_and_changeable_per_model():
     default = get_backend()
-    with use_backend('sdpa'):
-        assert resolve_backend(None, w) == 'sdpa'
-        assert resolve_backend('fused', w) == 'fused'              # per-module argument wins
-        assert resolve_backend('fused', w, needs_eager=True) == 'eager'   # attention dropout while training
-    assert get_backend() == default
-    set_backend('fused')
+    before = CBSA(32, 2, grid_size=(4, 4), rep_grid=2)
+    set_backend('sdpa')
     try:
-        assert resolve_backend(None, w) == 'fused'
+        after = CBSA(32, 2, grid_size=(4, 4), rep_grid=2)
+        explicit = CBSA(32, 2, grid_size=(4, 4), rep_grid=2, backend='eager')
     finally:
         set_backend(default)
+    assert (before.backend, after.backend, explicit.backend) == (default, 'sdpa', 'eager')
+    assert "backend='sdpa'" in repr(after)
+    model = _tiny('fused')
+    with use_backend(model, 'eager'):
+        assert {b.attn.backend for b in model.blocks} == {'eager'}
+    assert {b.attn.backend for b in model.blocks} == {'fused'}
+    timm_cbsa.configure_cbsa(model, backend='sdpa')
+    assert {b.attn.backend for b in model.blocks} == {'sdpa'}
     with pytest.raises(ValueError, match='Unknown CBSA backend'):
         set_backend('flash')
     with pytest.raises(ValueError, match='Unknown CBSA backend'):
-        with use_backend('nope'):
+        CBSA(32, 2, backend='nope')
+    with pytest.raises(TypeError, match='use_backend takes the model'):
+        with use_backend('sdpa'):
             pass
 
 
-def test_environment_variable():
-    code = 'import timm_cbsa.layers.backends as b; print(b.get_backend())'
-    env = dict(os.environ, TIMM_CBSA_BACKEND='sdpa')
-    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.stdout.strip().splitlines()[-1] == 'sdpa', out.stderr
+def _no_fused_calls(monkeypatch):
+    monkeypatch.setattr('timm_cbsa.layers.cbsa.fused_contract_and_broadcast',
+                        lambda *a, **k: pytest.fail('a fused backend ran where eager was selected'))
+    monkeypatch.setattr('timm_cbsa.layers.family.F.scaled_dot_product_attention',
+                        lambda *a, **k: pytest.fail('SDPA ran where eager was selected'))
+
+
+@pytest.mark.parametrize('switch', ['set_fused_attn', 'set_exportable'])
+def test_timm_switches_select_the_eager_path(switch, monkeypatch):
+    """timm's own switches (set_fused_attn(False), set_exportable(True)) give every CBSA-family layer built under
+    them the eager reference path."""
+    from timm.layers import config, set_exportable, set_fused_attn
+    from timm_cbsa.layers.family import FAMILY_ATTN_LAYERS
+    monkeypatch.setattr(config, '_USE_FUSED_ATTN', config._USE_FUSED_ATTN)
+    monkeypatch.setattr(config, '_EXPORTABLE', config._EXPORTABLE)
+    set_fused_attn(False) if switch == 'set_fused_attn' else set_exportable(True)
+    model = timm.create_model('vit_tiny_patch16_224', attn_layer='cbsa', img_size=128, depth=1).eval()
+    layers = [model.blocks[0].attn] + [FAMILY_ATTN_LAYERS[n](32, num_heads=2, grid_size=(4, 4), rep_grid=2).eval()
+                                       for n in ('cbsa_star', 'agent', 'agent_qkv')]
+    assert [getattr(m, 'backend') for m in layers] == ['eager'] * 4
+    _no_fused_calls(monkeypatch)
+    model(torch.randn(1, 3, 128, 128))
+    for m in layers[1:]:
+        m(torch.randn(1, 16, 32))
+
+
+def test_environment_variables():
+    code = ('import timm_cbsa.layers.backends as b, timm_cbsa; '
+            'print(b.get_backend(), timm_cbsa.CBSA(8, 2).backend)')
+    for env, want in (({'TIMM_CBSA_BACKEND': 'sdpa'}, 'sdpa sdpa'), ({'TIMM_FUSED_ATTN': '0'}, 'fused eager')):
+        out = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
+                             text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == want, out.stderr
+
+
+def test_probe_cache_is_keyed_by_exact_head_dim(monkeypatch):
+    """A kernel probed at d=40 is not handed to d=36."""
+    monkeypatch.setattr(backends, '_PROBES', {})
+    probed = []
+    monkeypatch.setattr(backends, '_try_impl', lambda name, dev, dt, d: probed.append(d) or (None if d == 40 else 'no'))
+    assert backends._probe('sdpa', torch.device('cpu'), torch.float32, 40) == 'cpu_flash'
+    assert backends._probe('sdpa', torch.device('cpu'), torch.float32, 36) is None
+    assert probed == [40, 36]
+
+
+def test_kernel_failing_at_run_time_falls_back_once_with_a_reason(monkeypatch, caplog):
+    layer, x = _layer((6, 6), 4, 2)
+    ref = run_fwd_bwd(layer, x, 'fused')
+
+    def broken(*a, **k):
+        raise RuntimeError('kernel exploded')
+
+    monkeypatch.setitem(fused.LSE_IMPLS, 'cpu_flash', broken)
+    monkeypatch.setattr(backends, '_WARNED', set())
+    with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):
+        got = run_fwd_bwd(layer, x, 'sdpa')
+        run_fwd_bwd(layer, x, 'sdpa')
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and 'kernel exploded' in msgs[0] and "falling back to 'fused'" in msgs[0], msgs
+    assert max(rel_errors(got, ref)) == 0
+    monkeypatch.setattr(backends, '_STRICT', True)
+    with pytest.raises(RuntimeError, match='kernel exploded'):
+        run_fwd_bwd(layer, x, 'sdpa')
+
+
+@pytest.mark.parametrize('backend', FUSED)
+def test_autocast_runs_products_in_the_autocast_dtype(backend):
+    """CPU autocast (bfloat16) with qk_norm: W reaches the layer in float32 (LayerNorm runs in float32 under
+    autocast), the fused path must still compute in bfloat16 like the eager one; its backward does not depend on an
+    enclosing autocast region."""
+    torch.manual_seed(0)
+    layer = CBSA(64, 4, qkv_bias=True, qk_norm=True, grid_size=(6, 6), rep_grid=3, num_prefix_tokens=1)
+    x = torch.randn(2, 37, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        eager = run_fwd_bwd(layer, x, 'eager')
+        got = run_fwd_bwd(layer, x, backend)
+    ref32 = run_fwd_bwd(layer, x, 'eager')
+    vs_eager, vs_32 = rel_errors(got[:2], eager[:2]), rel_errors(got[:2], ref32[:2])
+    assert max(vs_eager) <= 2e-2, vs_eager
+    assert vs_32[0] > 1e-4, 'the fused path ran in float32 under autocast'
+    # backward inside vs outside an autocast region: the same gradients
+    layer.backend = backend
+    xx = x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = layer(xx)
+    g = torch.randn_like(y)
+    (dx_out,) = torch.autograd.grad(y, xx, g, retain_graph=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        (dx_in,) = torch.autograd.grad(y, xx, g)
+    assert torch.equal(dx_in, dx_out)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_empty_batch_forward_and_backward(backend):
+    layer, x = _layer((6, 6), 4, 2)
+    got = run_fwd_bwd(layer, x[:0], backend)
+    assert got[0].shape == (0,) + x.shape[1:]
+    for g in got[1:]:
+        assert torch.count_nonzero(g) == 0
 
 
 def test_attention_dropout_forces_eager(monkeypatch):
@@ -221,7 +321,7 @@ def test_xformers_falls_back_on_cpu_with_one_logged_reason(caplog):
         got = run_fwd_bwd(layer, x, 'xformers')
         run_fwd_bwd(layer, x, 'xformers')
     msgs = [r.getMessage() for r in caplog.records if 'xformers' in r.getMessage()]
-    assert len(msgs) == 1 and 'falling back to sdpa' in msgs[0], msgs
+    assert len(msgs) == 1 and "falling back to 'sdpa'" in msgs[0], msgs
     assert max(rel_errors(got, ref)) == 0
     assert backends.xformers_status('cpu', torch.float32, 16) is None
 

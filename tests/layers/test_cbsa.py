@@ -5,6 +5,8 @@ library, so a mistake in the layer (pooling the wrong tokens, a transposed softm
 """
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -180,7 +182,22 @@ def test_bad_inputs_name_the_problem():
     legacy = CBSA(16, num_heads=2, rep_grid=2, legacy_pool=True)
     with pytest.raises(ValueError, match='exactly one prefix'):
         legacy(torch.randn(1, 18, 16), grid_size=(4, 4))
-    with pytest.raises(ValueError, match='representative grid'):
-        CBSA(16, num_heads=2, rep_grid=(2, 0))
     with pytest.raises(ValueError, match='Unknown CBSA backend'):
-        CBSA(16, num_heads=2, rep_grid=2, backend='triton')(torch.randn(1, 17, 16), grid_size=(4, 4))
+        CBSA(16, num_heads=2, rep_grid=2, backend='nope')
+
+
+@pytest.mark.parametrize('bad', [0, -1, True, 2.5, (2, 0), (4,), '4', None])
+def test_bad_rep_grid_is_refused_at_construction(bad):
+    """rep_grid is checked when the layer is built (not a ZeroDivisionError / shape error at forward time)."""
+    if bad is None:   # None means the default (8)
+        assert CBSA(16, num_heads=2, rep_grid=8).rep_grid == (8, 8)
+        return
+    with pytest.raises(ValueError, match=r'rep_grid must be a positive int or a pair of positive ints.*got '
+                                         + re.escape(repr(bad))):
+        CBSA(16, num_heads=2, rep_grid=bad)
+
+
+@pytest.mark.parametrize('bad', [0, -2, True, 2.0])
+def test_bad_num_heads_is_refused_at_construction(bad):
+    with pytest.raises(ValueError, match=r'num_heads must be a positive int, got ' + re.escape(repr(bad))):
+        CBSA(16, num_heads=bad)

@@ -1,7 +1,7 @@
-from .backends import BACKENDS, get_backend, set_backend, use_backend
+from .backends import BACKENDS, default_backend, get_backend, register_backend, set_backend, use_backend
 from .cbsa import CBSA
 from .ista import ISTA
-from .layout import GridAwareAttention, PatchGridHook, bind_patch_grid, find_grid_aware_layers
+from .layout import GridAwareAttention, PatchGridHook, bind_patch_grid, current_patch_grid, find_grid_aware_layers
 from .representatives import pool_representatives
 from .family import (
     FAMILY_ATTN_LAYERS, MSSA, TSSA, AgentAttention, AgentAttentionQKV, CBSAStar, LinearAttention,

@@ -8,6 +8,9 @@ def init_heads(module: nn.Module, dim: int, num_heads: int, qk_norm: bool, scale
                norm_layer: Optional[Type[nn.Module]]) -> Optional[Type[nn.Module]]:
     """Check the width, set ``num_heads`` / ``head_dim`` / ``scale`` (d^-1/2) on ``module``, and return the norm layer
     to use (``nn.LayerNorm`` when qk_norm or scale_norm asks for one and none was given, as timm does)."""
+    for name, v in (('dim', dim), ('num_heads', num_heads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f'{type(module).__name__}: {name} must be a positive int, got {v!r}.')
     if dim % num_heads != 0:
         raise ValueError(f'{type(module).__name__}: dim {dim} is not divisible by num_heads {num_heads}.')
     module.num_heads = num_heads

@@ -112,10 +112,11 @@ class CBSA(GridAwareAttention):
         norm_layer: norm for qk_norm / scale_norm.
         rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. Default 8 → m = 64.
         legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
-        grid_size: static patch grid (H_p, W_p); normally set by the owning model (see ``layout.py``).
+        grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid
+            (see ``layout.py``).
         num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p.
-        backend: None (global setting, default 'fused'), 'eager' (this file's reference math), 'fused', 'sdpa' or
-            'xformers' — see ``backends.py``.
+        backend: 'eager' (this file's reference math), 'fused', 'sdpa', 'xformers' (see ``backends.py``), or None:
+            decided now from timm's switches and ``set_backend`` (``backends.default_backend``).
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens (patches last).
     """
@@ -145,9 +146,9 @@ class CBSA(GridAwareAttention):
         norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
         self.rep_grid = to_grid(rep_grid)
         self.legacy_pool = legacy_pool
-        self.grid_size = None if grid_size is None else to_grid(grid_size)
+        self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
         self.num_prefix_tokens = num_prefix_tokens
-        self.backend = backend
+        self.backend = resolve_backend(backend)
 
         self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)        # Uᵀ for all heads (q = k = v), "proj" in the paper
         self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -164,7 +165,7 @@ class CBSA(GridAwareAttention):
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, rep_grid={self.rep_grid}, legacy_pool={self.legacy_pool}, '
-                f'grid_size={self.grid_size}, backend={self.backend}')
+                f'grid_size={self.grid_size}, backend={self.backend!r}')
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens -> (B, H, N, d) projected tokens W = U_kᵀ Z (after qk_norm)."""
@@ -180,19 +181,9 @@ class CBSA(GridAwareAttention):
     def _pooling(self, num_tokens: int, grid_size: Optional[Tuple[int, int]]
                  ) -> Tuple[Tuple[int, int], Tuple[int, int], bool]:
         """The checked ``pool_representatives`` arguments (patch grid, representative grid, legacy) for N tokens."""
-        grid = self._grid(grid_size)
+        grid = self.patch_grid(num_tokens, grid_size)
         check_token_layout(num_tokens, grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
         return grid, self.rep_grid, self.legacy_pool
-
-    def _grid(self, grid_size: Optional[Tuple[int, int]]) -> Tuple[int, int]:
-        if grid_size is not None:
-            return grid_size
-        grid = self.grid_size
-        if grid is None:
-            raise ValueError(
-                'CBSA does not know the patch grid: use it inside a timm ViT (the model binds it), call '
-                'timm_cbsa.bind_patch_grid(model), or pass grid_size=(H_p, W_p) to forward().')
-        return grid
 
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
@@ -219,15 +210,12 @@ class CBSA(GridAwareAttention):
         w = self.project(x)                                       # (B, H, N, d)
         if torch.jit.is_scripting():
             y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
+        elif self.backend == 'eager' or (self.training and self.attn_drop.p > 0):   # only eager has attn dropout
+            y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
         else:
-            backend = resolve_backend(self.backend, w, self.training and self.attn_drop.p > 0)
-            if backend == 'eager':
-                r = self.representatives(w, grid_size)            # (B, H, m, d)
-                y = self.contract_and_broadcast(w, r)
-            else:
-                # the fused function pools the representatives itself, block by block (see fused.py)
-                y = fused_contract_and_broadcast(backend, w, None, self.step_rep, self.step_x, self.scale,
-                                                 pool=self._pooling(N, grid_size))
+            # the fused function pools the representatives itself, block by block (see fused.py)
+            y = fused_contract_and_broadcast(self.backend, w, None, self.step_rep, self.step_x, self.scale,
+                                             pool=self._pooling(N, grid_size))
         y = y.transpose(1, 2).reshape(B, N, C)
         y = self.norm_out(y)
         y = self.proj(y)

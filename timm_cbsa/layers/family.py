@@ -349,9 +349,9 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
             shared_qkv=shared_qkv, device=device, dtype=dtype)
         self.rep_grid = to_grid(rep_grid)
         self.legacy_pool = legacy_pool
-        self.grid_size = None if grid_size is None else to_grid(grid_size)
+        self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
         self.num_prefix_tokens = num_prefix_tokens
-        self.backend = backend
+        self.backend = resolve_backend(backend)
 
     @property
     def num_representatives(self) -> int:
@@ -359,25 +359,19 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
-                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend}')
+                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}')
 
     def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, H, N, d) queries → (B, H, m, d) pooled initial representatives."""
-        if grid_size is not None:
-            grid = grid_size
-        else:
-            grid = self.grid_size
-            if grid is None:
-                raise ValueError(
-                    f'{type(self).__name__} does not know the patch grid: use it inside a timm ViT (the model binds '
-                    'it), call timm_cbsa.bind_patch_grid(model), or pass grid_size=(H_p, W_p) to forward().')
+        grid = self.patch_grid(q.shape[2], grid_size)
         check_token_layout(q.shape[2], grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
         return pool_representatives(q, grid, self.rep_grid, self.legacy_pool)
 
     def _use_sdpa(self, like: torch.Tensor) -> bool:
+        """Any backend but 'eager' runs these layers through torch SDPA (not while attention dropout trains)."""
         if torch.jit.is_scripting():
             return False
-        return resolve_backend(self.backend, like, self.training and self.attn_drop.p > 0) != 'eager'
+        return self.backend != 'eager' and not (self.training and self.attn_drop.p > 0)
 
 
 class AgentAttention(_RepresentativeAttention):

@@ -20,6 +20,7 @@ and ∂W. On GPU and under torch.compile: one batched block. CBSA passes ``pool`
 pooled from each block of W while it is in cache and ∂Q_ini is pooled back into the same block of ∂W (a reshape and a
 mean when the windows are equal, adaptive pooling otherwise): no N-wide pooling pass, no separate gradient sum.
 """
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -27,7 +28,7 @@ import torch
 
 from .representatives import equal_windows, pool_representatives, pooled_tokens
 
-__all__ = ['ContractBroadcast', 'block_budget_bytes', 'LSE_IMPLS']
+__all__ = ['ContractBroadcast', 'block_budget_bytes', 'no_autocast', 'LSE_IMPLS']
 
 # size of one block's m×N logits on CPU: small enough to stay in cache while it is reused
 _BLOCK_BYTES = int(os.environ.get('TIMM_CBSA_BLOCK_BYTES', str(4 << 20)))
@@ -38,6 +39,13 @@ LSE_IMPLS = {}
 
 def block_budget_bytes() -> int:
     return _BLOCK_BYTES
+
+
+def no_autocast(device_type: str):
+    """Autocast off for ``device_type`` (a no-op where autocast does not exist, e.g. the meta device)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _stat_dtype(dt: torch.dtype) -> torch.dtype:
@@ -197,6 +205,10 @@ class ContractBroadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, r, step_rep, step_x, scale: float, lse_impl: str, pool=None):
         B, H, N, d = w.shape
+        ctx.empty = w.numel() == 0
+        if ctx.empty:   # an empty batch: nothing to compute, zero gradients
+            ctx.save_for_backward(w, r, step_rep, step_x)
+            return _like_w(w)
         m = r.shape[-2] if pool is None else pool[1][0] * pool[1][1]
         dt = w.dtype
         sd, eta, kap, blocks, scratch = _prepare(w, m, step_rep, step_x)
@@ -246,6 +258,15 @@ class ContractBroadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.empty:
+            w, r, step_rep, step_x = ctx.saved_tensors
+            dr = None if r is None else torch.zeros_like(r)
+            return torch.zeros_like(w), dr, torch.zeros_like(step_rep), torch.zeros_like(step_x), None, None, None
+        with no_autocast(grad.device.type):   # the backward does not depend on an enclosing autocast region
+            return ContractBroadcast._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         w, r, step_rep, step_x, lse, z, q, p, c = ctx.saved_tensors
         scale, pool = ctx.scale, ctx.pool
         B, H, N, d = w.shape

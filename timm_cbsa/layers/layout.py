@@ -1,38 +1,87 @@
-"""Where CBSA layers learn the patch grid.
+"""Where CBSA layers learn the patch grid — per call, never from state left behind by another call.
 
-A CBSA layer pools the patch tokens on their real (H_p, W_p) grid, so it must know that grid for every batch. timm's
-``Block`` only hands attention ``x`` (B, N, C), so the model that owns the patch embedding tells its layers:
+A CBSA layer pools the patch tokens on their real (H_p, W_p) grid. timm's ``Block`` hands attention only ``x``
+(B, N, C), and with ``dynamic_img_size=True`` the grid changes from call to call (224×224 → 14×14, 160×320 → 10×20,
+both possible at once from two threads). So:
 
-* ``bind_patch_grid(model)`` gives every grid-aware layer the model's static grid and registers a forward hook on
-  ``model.patch_embed`` that refreshes the grid from each batch (``dynamic_img_size=True``, ``set_input_size()``,
-  non-square images). It is idempotent.
-* Building any timm ViT whose blocks contain CBSA layers (``create_model('vit_small_patch16_224',
-  attn_layer='cbsa')``) binds automatically: a torch module-registration hook notices when a module with a
-  ``patch_embed`` receives its ``blocks``.
+* **Static facts are set once, at binding** (``bind_patch_grid(model)``, done by our factories and by
+  ``configure_cbsa``): every grid-aware layer gets the model's default grid ``grid_size``, its ``num_prefix_tokens``
+  and ``follow_patch_embed=True``; a stateless ``PatchGridHook`` is registered on ``model.patch_embed``.
+* **The grid of a call belongs to that call**: the hook records the grid of the batch it just embedded in a
+  thread-local slot (each thread — and each ``nn.DataParallel`` replica thread — has its own), and the model's layers
+  read it a moment later, in the same forward. A layer uses it only when it matches the token count
+  (N = prefix + H_p·W_p); otherwise (FX graphs, TorchScript, a standalone call) it falls back to its static grid, and
+  ``check_token_layout`` raises if that does not fit either. Nothing is written into a module during forward, so
+  ``copy.deepcopy``, pickling, replicas and ``torch.compile`` see the same modules as before the call.
 
-Prefix tokens are the tokens in front of the H_p*W_p patch tokens (timm's layout), so the layer never needs to guess
-a square or the number of prefix tokens. Under TorchScript (``timm.layers.set_scriptable(True)``) no hook is
-registered and the static grid is used; pass ``grid_size=`` to the layer to override it.
+Binding models built by timm itself: ``timm.create_model('vit_small_patch16_224', attn_layer='cbsa')`` builds the ViT
+without calling us, so ``import timm_cbsa`` installs one torch module-registration hook (the smallest hook that sees
+the model: it returns at once unless the assigned child is named ``blocks``, its owner has a ``patch_embed``, and the
+blocks hold grid-aware layers). It is installed lazily, when the first grid-aware layer is constructed.
+``bind_patch_grid(model)`` does the same explicitly and is idempotent.
 """
-from typing import Iterable, List, Optional, Tuple
+import threading
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ._fx import is_fx_tracing
 
-__all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers']
+__all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid']
+
+_CALL = threading.local()   # .grid: (H_p, W_p) of the patch embedding that ran last in this thread
+
+
+def current_patch_grid() -> Optional[Tuple[int, int]]:
+    """The patch grid of the batch the current thread embedded last (None before any)."""
+    return getattr(_CALL, 'grid', None)
 
 
 class GridAwareAttention(nn.Module):
-    """Base class of attention layers that need the patch grid (CBSA and its pooled-representative relatives)."""
+    """Base class of attention layers that need the patch grid (CBSA and its pooled-representative relatives).
+
+    Attributes (configuration, set at construction or binding; never changed by forward):
+        grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
+        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p.
+        follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
+    """
     grid_size: Optional[Tuple[int, int]]
-    num_prefix_tokens: int  # -1: unknown (then N - H_p*W_p)
+    num_prefix_tokens: int
+    follow_patch_embed: bool
 
     def __init__(self):
         super().__init__()
         self.grid_size = None
         self.num_prefix_tokens = -1
+        self.follow_patch_embed = False
+        _install_registration_hook()
+
+    def patch_grid(self, num_tokens: int, grid_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """The (H_p, W_p) grid for a call with ``num_tokens`` tokens: ``grid_size`` if given, else the grid of the
+        owning model's current patch-embedding call when it fits N, else the static ``self.grid_size``."""
+        if grid_size is not None:
+            return grid_size
+        if not torch.jit.is_scripting():
+            if self.follow_patch_embed and not is_fx_tracing():
+                grid = _call_grid(num_tokens, self.num_prefix_tokens)
+                if grid is not None:
+                    return grid
+        static = self.grid_size
+        if static is None:
+            raise ValueError(
+                f'{type(self).__name__} does not know the patch grid: use it inside a timm ViT (the model binds it), '
+                'call timm_cbsa.bind_patch_grid(model), or pass grid_size=(H_p, W_p) to forward().')
+        return static
+
+
+def _call_grid(num_tokens: int, num_prefix_tokens: int) -> Optional[Tuple[int, int]]:
+    grid = current_patch_grid()
+    if grid is None:
+        return None
+    patches = grid[0] * grid[1]
+    fits = num_tokens == num_prefix_tokens + patches if num_prefix_tokens >= 0 else num_tokens >= patches
+    return grid if fits else None
 
 
 def find_grid_aware_layers(module: nn.Module) -> List[GridAwareAttention]:
@@ -43,29 +92,23 @@ def _grid_from_patch_embed(module: nn.Module, args, output) -> Tuple[int, int]:
     if output.ndim == 4:
         fmt = str(getattr(module, 'output_fmt', 'NCHW'))
         if fmt.endswith('NHWC'):
-            return int(output.shape[1]), int(output.shape[2])
-        return int(output.shape[2]), int(output.shape[3])
+            return output.shape[1], output.shape[2]
+        return output.shape[2], output.shape[3]
     img = args[0]
-    hw = (int(img.shape[-2]), int(img.shape[-1]))
     if hasattr(module, 'dynamic_feat_size'):
-        gh, gw = module.dynamic_feat_size(hw)
-        return int(gh), int(gw)
+        gh, gw = module.dynamic_feat_size((img.shape[-2], img.shape[-1]))
+        return gh, gw
     gh, gw = module.grid_size
     return int(gh), int(gw)
 
 
 class PatchGridHook:
-    """Forward hook on a patch embedding: sets ``grid_size`` of its CBSA layers from the batch it just embedded."""
-
-    def __init__(self, layers: Iterable[nn.Module]):
-        self.layers = list(layers)
+    """Forward hook on a patch embedding: records the grid of the batch it just embedded for the current thread.
+    Holds no state (no layer references), so deep copies, pickles and replicas of the model stay correct."""
 
     def __call__(self, module: nn.Module, args, output):
-        if is_fx_tracing():  # traced graphs are specialised to the static grid
-            return None
-        grid = _grid_from_patch_embed(module, args, output)
-        for layer in self.layers:
-            layer.grid_size = grid
+        if not is_fx_tracing():   # traced graphs use the layers' static grid
+            _CALL.grid = _grid_from_patch_embed(module, args, output)
         return None
 
 
@@ -77,8 +120,11 @@ def _is_scriptable() -> bool:
         return False
 
 
-def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None) -> List[nn.Module]:
-    """Connect ``model.patch_embed`` to the CBSA layers of ``model`` (or ``layers``). Returns the layers bound."""
+def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None,
+                    set_prefix: bool = True) -> List[nn.Module]:
+    """Connect ``model.patch_embed`` to the grid-aware layers of ``model`` (or ``layers``): sets their static grid,
+    prefix count (``model.num_prefix_tokens``, unless ``set_prefix=False``) and ``follow_patch_embed``, and registers
+    a ``PatchGridHook`` (not when building scriptable models). Idempotent. Returns the layers bound."""
     patch_embed = getattr(model, 'patch_embed', None)
     if patch_embed is None or getattr(patch_embed, 'grid_size', None) is None:
         raise ValueError(
@@ -86,29 +132,37 @@ def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None) 
             'Pass grid_size= to the layer yourself.')
     layers = find_grid_aware_layers(model) if layers is None else list(layers)
     grid = tuple(int(g) for g in patch_embed.grid_size)
+    prefix = getattr(model, 'num_prefix_tokens', None) if set_prefix else None
+    hooked = any(isinstance(h, PatchGridHook) for h in patch_embed._forward_hooks.values())
+    if not hooked and not _is_scriptable():   # TorchScript would have to compile the hook: static grid only
+        patch_embed.register_forward_hook(PatchGridHook())
+        hooked = True
     for layer in layers:
         layer.grid_size = grid
-    if _is_scriptable():
-        return layers
-    for hook in patch_embed._forward_hooks.values():
-        if isinstance(hook, PatchGridHook):
-            hook.layers = layers
-            return layers
-    patch_embed.register_forward_hook(PatchGridHook(layers))
+        if prefix is not None:
+            layer.num_prefix_tokens = int(prefix)
+        layer.follow_patch_embed = hooked   # without the hook another model's grid could be read
     return layers
 
 
 def _bind_when_blocks_registered(module: nn.Module, name: str, submodule: Optional[nn.Module]):
-    """torch module-registration hook: bind a ViT's CBSA layers as soon as it receives its ``blocks``."""
+    """torch module-registration hook: bind a ViT's grid-aware layers as soon as it receives its ``blocks``."""
     if name != 'blocks' or submodule is None:
         return None
     patch_embed = module._modules.get('patch_embed', None)
     if patch_embed is None or getattr(patch_embed, 'grid_size', None) is None:
         return None
     layers = find_grid_aware_layers(submodule)
-    if layers:
-        bind_patch_grid(module, layers)
+    if layers:   # the model is half-built (distilled DeiTs add a prefix token later): leave the prefix count open
+        bind_patch_grid(module, layers, set_prefix=False)
     return None
 
 
-_REGISTRATION_HANDLE = torch.nn.modules.module.register_module_module_registration_hook(_bind_when_blocks_registered)
+_REGISTRATION_HANDLE = None
+
+
+def _install_registration_hook() -> None:
+    global _REGISTRATION_HANDLE
+    if _REGISTRATION_HANDLE is None:
+        _REGISTRATION_HANDLE = torch.nn.modules.module.register_module_module_registration_hook(
+            _bind_when_blocks_registered)

@@ -9,6 +9,7 @@ and receive the broadcast.
 (``w[:, :-1]``), so with a class token at index 0 the class token lands in grid cell (0, 0), every patch is
 shifted by one raster position and the last patch is dropped. The released CBT checkpoints were trained that way.
 """
+import numbers
 from typing import List, Tuple, Union
 
 import torch
@@ -18,14 +19,16 @@ import torch.nn.functional as F
 __all__ = ['pool_representatives', 'to_grid']
 
 
-def to_grid(size: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
-    """8 -> (8, 8); (4, 6) -> (4, 6)."""
-    if isinstance(size, int):
-        return size, size
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f'A representative grid is an int or a pair of positive ints, got {size!r}.')
-    return size[0], size[1]
+def _positive_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+
+
+def to_grid(size: Union[int, Tuple[int, int], List[int]], name: str = 'rep_grid') -> Tuple[int, int]:
+    """8 -> (8, 8); (4, 6) -> (4, 6); anything else (0, -1, True, 2.5, (4,)) raises a ValueError naming ``name``."""
+    pair = (size, size) if _positive_int(size) else size
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_positive_int(v) for v in pair):
+        raise ValueError(f'{name} must be a positive int or a pair of positive ints (rows, cols), got {size!r}.')
+    return int(pair[0]), int(pair[1])
 
 
 def pooled_tokens(w: torch.Tensor, grid_size: Tuple[int, int], legacy: bool = False) -> torch.Tensor:
@@ -69,4 +72,4 @@ def pool_representatives(
     # memory
     tokens = tokens.permute(0, 2, 3, 1, 4).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
     reps = F.adaptive_avg_pool2d(tokens, rep_grid)              # (B, H*d, r_h, r_w)
-    return reps.reshape(B, H, d, -1).transpose(-2, -1)          # (B, H, m, d)
+    return reps.reshape(B, H, d, rh * rw).transpose(-2, -1)     # (B, H, m, d)

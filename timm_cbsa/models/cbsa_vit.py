@@ -7,7 +7,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._helpers import configure_cbsa, pop_cbsa_kwargs
+from ._helpers import finish_cbsa_model, pop_cbsa_kwargs
 
 __all__ = []
 
@@ -50,7 +50,7 @@ def _create_cbsa_vit(variant: str, size: str, pretrained: bool = False, **kwargs
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return configure_cbsa(model, **cbsa_kwargs)
+    return finish_cbsa_model(model, cbsa_kwargs)
 
 
 @register_model

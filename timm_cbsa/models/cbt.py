@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
 from ._checkpoint import read_state_dict
-from ._helpers import configure_cbsa, pop_cbsa_kwargs
+from ._helpers import configure_cbsa, finish_cbsa_model, pop_cbsa_kwargs
 
 __all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
 
@@ -251,7 +251,7 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return configure_cbsa(model, **cbsa_kwargs)
+    return finish_cbsa_model(model, cbsa_kwargs)
 
 
 @register_model

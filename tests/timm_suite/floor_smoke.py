@@ -1,0 +1,25 @@
+"""Smoke test for the declared dependency floors (run by .ci/run in a venv holding the minimum timm):
+import, build cbsa_vit_small and vit_small_patch16_224 with attn_layer='cbsa', forward and backward."""
+import sys
+
+import timm
+import torch
+
+import timm_cbsa
+
+print(f'floor smoke: python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, '
+      f'timm_cbsa from {timm_cbsa.__file__}')
+for name, kw in (('cbsa_vit_small', {}), ('vit_small_patch16_224', dict(attn_layer='cbsa', dynamic_img_size=True))):
+    torch.manual_seed(0)
+    model = timm.create_model(name, depth=2, num_classes=10, **kw)
+    assert type(model.blocks[0].attn).__name__ == 'CBSA', type(model.blocks[0].attn)
+    for size in ((224, 224), (160, 320)) if kw else ((224, 224),):
+        x = torch.randn(2, 3, *size)
+        y = model(x)
+        y.square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert y.shape == (2, 10) and torch.isfinite(y).all()
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        model.zero_grad()
+    print(f'  {name} {kw}: forward + backward ok')
+print('floor smoke: ok')
