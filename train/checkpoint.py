@@ -1,46 +1,61 @@
-"""Atomic, resumable checkpoints for ``train.train``.
+"""Checkpoints and the run folder for ``train.train``: what timm's ``CheckpointSaver`` does not do.
 
-Layout of an output folder (``--output DIR`` [+ ``--experiment NAME``]):
+Layout of a run folder (``--output DIR`` [+ ``--experiment NAME``]), written by rank 0 only:
 
-* ``last.pth.tar``          newest checkpoint (end of epoch *or* mid-epoch with
-                            ``--checkpoint-interval-steps``); what ``--resume auto`` picks first.
-* ``checkpoint-<E>.pth.tar`` end-of-epoch snapshots, the newest ``--checkpoint-hist`` are kept.
-* ``model_best.pth.tar``    end-of-epoch snapshot with the best eval metric.
-* ``args.yaml``, ``summary.csv``, ``log.txt``.
+* ``last.pth.tar``                  newest end-of-epoch checkpoint (timm's ``CheckpointSaver.save_checkpoint``).
+* ``checkpoint-<E>.pth.tar``        end-of-epoch checkpoints ranked by the eval metric, ``--checkpoint-hist`` kept.
+* ``model_best.pth.tar``            the best of them.
+* ``recovery-<E>-<B>.pth.tar``      mid-epoch checkpoints (``--checkpoint-interval-steps``, a preemption signal,
+                                    ``--max-steps``; timm's ``save_recovery``, the two newest kept).
+* ``args.yaml``, ``summary.csv``, ``log.txt``, ``result.json``, ``.lock``.
 
-Every file is written to a temporary file in the same folder, fsync'ed and moved into
-place with :func:`os.replace`, so a crash (even SIGKILL) during a write leaves the
-previous file intact. Stale temporaries (``.<name>.*.tmp``) are ignored and cleaned up.
-
-Checkpoints are plain dicts with timm-compatible keys (``state_dict``, ``optimizer``,
-``epoch``, ``arch``, ``args``, ``state_dict_ema``, ``amp_scaler``) so
-``timm.models.load_checkpoint`` can read them, plus ``scheduler``, ``global_step``,
-``batches_done``, ``epoch_complete`` and per-rank ``rng_states`` for exact resume.
+What is ours on top of timm: every file is written to a temporary file in the same folder (named after the writing
+host and pid), fsync'ed and moved into place with :func:`os.replace`, so a crash (even SIGKILL) during a write leaves
+the previous file intact; checkpoints carry what an exact mid-epoch resume needs (scheduler, ``global_step``,
+``batches_done``, ``epoch_complete``, per-rank RNG states, how the model was built); :func:`find_resume_checkpoint`
+picks the newest loadable one; :class:`RunLock` keeps two runs out of one folder.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import logging
 import os
 import random
 import re
 import shutil
-import tempfile
+import socket
+import time
+import uuid
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from timm.utils import CheckpointSaver
 
 _logger = logging.getLogger("train")
 
 LAST_NAME = "last.pth.tar"
 BEST_NAME = "model_best.pth.tar"
-CKPT_FORMAT_VERSION = 1
-_TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")
+LOCK_NAME = ".lock"
+CKPT_FORMAT_VERSION = 2
+RUN_FILES = ("*.pth.tar", "summary.csv", "args.yaml", "result.json")
+# .<target>.<host>.<pid>.<random>.tmp
+_TMP_RE = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+STALE_TMP_FOREIGN_HOST_S = 3600.0
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not match the model / run."""
+
+
+class RunFolderError(RuntimeError):
+    """The run folder is in use by another run, or holds a previous run and neither --resume nor --overwrite was given."""
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0].replace(".", "_") or "host"
 
 
 def _fsync_dir(path: str) -> None:
@@ -60,9 +75,9 @@ def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """``write(f)`` into a temp file in ``path``'s folder, fsync, ``os.replace``; the temp file is removed on error."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -81,27 +96,119 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` atomically (same protocol as ``atomic_torch_save``)."""
-    def copy(f: BinaryIO) -> None:
-        with open(src, "rb") as source:
-            shutil.copyfileobj(source, f)
-    _atomic_write(dst, copy)
+def atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    return True
 
 
 def clean_stale_tmp(folder: str) -> List[str]:
-    """Remove temporaries left by a crash during a write; returns the removed paths."""
+    """Remove temporaries left by a writer that died; returns the removed names.
+
+    A temporary is removed only when its writer is provably gone: written on this host by a pid that no longer
+    exists, or written on another host more than an hour ago. A file being written by a live process is never
+    touched (nor is any file that does not follow our temporary-name pattern).
+    """
     removed = []
     if not os.path.isdir(folder):
         return removed
-    for name in os.listdir(folder):
-        if _TMP_RE.match(name):
+    host = _host()
+    for name in sorted(os.listdir(folder)):
+        m = _TMP_RE.match(name)
+        if not m:
+            continue
+        path = os.path.join(folder, name)
+        if m["host"] == host:
+            stale = not _pid_alive(int(m["pid"]))
+        else:
             try:
-                os.remove(os.path.join(folder, name))
+                stale = time.time() - os.path.getmtime(path) > STALE_TMP_FOREIGN_HOST_S
+            except OSError:
+                stale = False
+        if stale:
+            try:
+                os.remove(path)
                 removed.append(name)
             except OSError:
                 pass
     return removed
+
+
+# ---------------------------------------------------------------------------- run folder lock
+
+class RunLock:
+    """Exclusive lock on a run folder: ``fcntl.flock`` on ``DIR/.lock``, which records pid, host and start time.
+
+    The kernel drops a flock when its process dies (SIGKILL, node reboot), so a lock left by a dead run is taken
+    over without any clean-up. On file systems without working flock the lock degrades to the recorded pid/host
+    (check the process is gone, then delete ``DIR/.lock``).
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_NAME)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            try:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown process"
+            finally:
+                os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunFolderError(
+                    f"Run folder '{self.folder}' is in use by another run ({holder}). Two runs in one folder "
+                    f"overwrite each other's checkpoints: use another --output / --experiment, or wait for that "
+                    f"run to end.") from None
+            raise RunFolderError(f"Cannot lock run folder '{self.folder}' ({e}); the file system may not "
+                                 f"support flock.") from e
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def previous_run_files(folder: str) -> List[str]:
+    """Files of an earlier run in ``folder`` (checkpoints, summary, args, result)."""
+    found = []
+    for pattern in RUN_FILES:
+        found += glob.glob(os.path.join(folder, pattern))
+    return sorted(os.path.basename(f) for f in found)
+
+
+def remove_previous_run(folder: str) -> List[str]:
+    files = previous_run_files(folder)
+    for name in files:
+        os.remove(os.path.join(folder, name))
+    return files
 
 
 # ---------------------------------------------------------------------------- RNG state
@@ -156,75 +263,52 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return ckpt
 
 
-def _epoch_ckpts(folder: str) -> List[str]:
-    files = glob.glob(os.path.join(folder, "checkpoint-*.pth.tar"))
-
-    def key(p):
-        m = re.search(r"checkpoint-(\d+)\.pth\.tar$", p)
-        return int(m.group(1)) if m else -1
-    return sorted(files, key=key, reverse=True)
+def _numbered(folder: str, prefix: str) -> List[str]:
+    return glob.glob(os.path.join(folder, f"{prefix}-*.pth.tar"))
 
 
 def find_resume_checkpoint(folder: str) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """Newest complete, loadable checkpoint in ``folder`` (``last.pth.tar`` first), or None."""
-    candidates = []
-    last = os.path.join(folder, LAST_NAME)
-    if os.path.exists(last):
-        candidates.append(last)
-    candidates += _epoch_ckpts(folder)
+    """The loadable checkpoint with the highest ``global_step`` in ``folder`` (last, recovery-*, checkpoint-*)."""
+    candidates = [os.path.join(folder, LAST_NAME)] + _numbered(folder, "recovery") + _numbered(folder, "checkpoint")
     best = None
     for path in candidates:
+        if not os.path.exists(path):
+            continue
         try:
             ckpt = load_checkpoint_file(path)
         except CheckpointError as e:
             _logger.warning("Skipping unusable checkpoint: %s", e)
             continue
-        step = int(ckpt.get("global_step", -1))
-        if best is None or step > best[1].get("global_step", -1):
+        if best is None or int(ckpt.get("global_step", -1)) > int(best[1].get("global_step", -1)):
             best = (path, ckpt)
-        if path == last:
-            break  # last.pth.tar is always the newest written
     return best
 
 
-class CheckpointManager:
-    """Writes checkpoints of a run into ``folder`` (rank 0 only)."""
+class Saver(CheckpointSaver):
+    """timm's :class:`~timm.utils.CheckpointSaver` (ranked history, ``model_best``, recovery files, hard links)
+    with our checkpoint content and fsync'ed atomic writes.
 
-    def __init__(self, folder: str, max_history: int = 3, decreasing: bool = False):
-        self.folder = folder
-        self.max_history = max(0, int(max_history))
-        self.decreasing = decreasing
-        self.best_metric: Optional[float] = None
-        self.best_epoch: Optional[int] = None
-        os.makedirs(folder, exist_ok=True)
+    ``state_fn(epoch, metric)`` returns the checkpoint dict (model, optimizer, scheduler, EMA, scaler, step, RNG...).
+    """
 
-    @property
-    def last_path(self) -> str:
-        return os.path.join(self.folder, LAST_NAME)
+    def __init__(self, state_fn: Callable[[int, Optional[float]], Dict[str, Any]], folder: str, **kwargs):
+        super().__init__(model=None, optimizer=None, checkpoint_dir=folder, recovery_dir=folder, **kwargs)
+        self.state_fn = state_fn
 
-    def _better(self, metric: float) -> bool:
-        if self.best_metric is None:
-            return True
-        return metric < self.best_metric if self.decreasing else metric > self.best_metric
+    def _save(self, save_path, epoch, metric=None):
+        state = self.state_fn(epoch, metric)
+        state["saver"] = self.state_dict(epoch, metric)
+        atomic_torch_save(state, save_path)
 
-    def save_last(self, state: Dict[str, Any]) -> str:
-        state = dict(state, best_metric=self.best_metric, best_epoch=self.best_epoch)
-        atomic_torch_save(state, self.last_path)
-        return self.last_path
+    def _replace(self, src, dst):
+        os.replace(src, dst)
+        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
-    def save_epoch(self, state: Dict[str, Any], epoch: int, metric: Optional[float]) -> str:
-        """End-of-epoch save: last.pth.tar, checkpoint-<epoch>.pth.tar (pruned), model_best.pth.tar."""
-        is_best = metric is not None and self._better(metric)
-        if is_best:
-            self.best_metric, self.best_epoch = float(metric), epoch
-        self.save_last(state)
-        if self.max_history > 0:
-            atomic_copy(self.last_path, os.path.join(self.folder, f"checkpoint-{epoch}.pth.tar"))
-            for old in _epoch_ckpts(self.folder)[self.max_history:]:
-                try:
-                    os.remove(old)
-                except OSError:
-                    pass
-        if is_best:
-            atomic_copy(self.last_path, os.path.join(self.folder, BEST_NAME))
-        return self.last_path
+    def remove_recovery(self) -> None:
+        """Drop mid-epoch recovery files once an end-of-epoch checkpoint supersedes them."""
+        for f in _numbered(self.recovery_dir, self.recovery_prefix):
+            try:
+                os.remove(f)
+            except OSError:
+                pass
+        self.curr_recovery_file = self.prev_recovery_file = ""

@@ -45,9 +45,9 @@ def _train(args, timeout=240):
     return p
 
 
-def _ckpt_step(path):
+def _ckpt_step(folder):
     try:
-        return load_checkpoint_file(str(path))["global_step"]
+        return find_resume_checkpoint(str(folder))[1]["global_step"]
     except Exception:
         return -1
 
@@ -60,12 +60,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "train.train"] + RUN + ["--output", str(broken),
                             "--debug-step-delay", "0.25"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    last = broken / "last.pth.tar"
     deadline = time.time() + 180
     step_at_kill = -1
     try:
         while time.time() < deadline and proc.poll() is None:
-            s = _ckpt_step(last)
+            s = _ckpt_step(broken)
             if s >= 15:  # mid-epoch checkpoint in epoch 1 (steps 13..24)
                 step_at_kill = s
                 proc.send_signal(signal.SIGKILL)
@@ -76,10 +75,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
             proc.kill()
         proc.wait()
     assert step_at_kill >= 15 and proc.returncode == -signal.SIGKILL, "process was not killed mid-run"
-    ck = load_checkpoint_file(str(last))
+    ck = find_resume_checkpoint(str(broken))[1]
     assert not ck["epoch_complete"] and ck["epoch"] == 1 and ck["global_step"] < STEPS
 
-    out = _train(RUN + ["--output", str(broken), "--resume", "auto"]).stdout
+    p = _train(RUN + ["--output", str(broken), "--resume", "auto"])
+    out = p.stdout + p.stderr
     assert f"global step {ck['global_step']}" in out  # resumed from the kill-time checkpoint, nothing older
 
     a = load_checkpoint_file(str(ref / "last.pth.tar"))

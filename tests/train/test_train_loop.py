@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train.checkpoint import CheckpointError, load_checkpoint_file  # noqa: E402
+from train.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint_file  # noqa: E402
 from train.train import (  # noqa: E402
-    ConfigError, ModelNotFoundError, NonFiniteLossError, build_parser, main, parse_args,
+    ConfigError, ModelNotFoundError, NonFiniteLossError, build_parser, main, parse_args, validate_args,
 )
 from timm_cbsa.data import DatasetNotFoundError  # noqa: E402
 
@@ -40,7 +40,8 @@ def test_parser_and_config(tmp_path):
 @pytest.mark.parametrize("cfg", sorted((ROOT / "train" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_recipe_files_parse(cfg):
     a = parse_args(["--config", str(cfg)])
-    assert a.model and a.epochs > 0 and a.lr > 0
+    assert a.model and a.epochs > 0 and (a.lr or a.lr_base) > 0
+    validate_args(a, check_paths=False)
 
 
 def test_tiny_run_learns_and_writes_outputs(tmp_path):
@@ -71,7 +72,8 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path):
 def test_max_steps_and_experiment_subdir(tmp_path):
     res = main(TINY + ["--epochs", "5", "--max-steps", "5", "--output", str(tmp_path), "--experiment", "e1"])
     assert res["step"] == 5 and res["epoch"] == 0
-    ck = load_checkpoint_file(str(tmp_path / "e1" / "last.pth.tar"))
+    path, ck = find_resume_checkpoint(str(tmp_path / "e1"))
+    assert path.endswith("recovery-0-5.pth.tar")  # mid-epoch: timm's recovery checkpoint
     assert ck["global_step"] == 5 and not ck["epoch_complete"] and ck["batches_done"] == 5
     # continue with a larger budget: the global step continues from 5
     res = main(TINY + ["--epochs", "5", "--max-steps", "12", "--output", str(tmp_path), "--experiment", "e1",
@@ -88,7 +90,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"Non-finite loss .* optimizer step 6.*last good checkpoint"):
         main(TINY + ["--epochs", "3", "--output", str(tmp_path), "--checkpoint-interval-steps", "2",
                      "--debug-nan-at-step", "6"])
-    ck = load_checkpoint_file(str(tmp_path / "last.pth.tar"))
+    ck = find_resume_checkpoint(str(tmp_path))[1]
     assert ck["global_step"] == 4
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
 
@@ -103,7 +105,8 @@ def test_missing_and_malformed_data_dir(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         main(base + ["--dataset", "", "--data-dir", str(tmp_path / "nope")])
     (tmp_path / "d" / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(DatasetNotFoundError, match="no image files"):
+    (tmp_path / "d" / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="train/cat' has no image files"):
         main(base + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "d")])
     with pytest.raises(DatasetNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         main(base + ["--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "empty")])
@@ -112,7 +115,7 @@ def test_missing_and_malformed_data_dir(tmp_path):
 def test_incompatible_or_corrupt_checkpoint(tmp_path):
     main(TINY + ["--epochs", "1", "--output", str(tmp_path / "a")])
     other = [a if a != "embed_dim=32" else "embed_dim=48" for a in TINY]
-    with pytest.raises(CheckpointError, match="incompatible with model 'cbsa_vit_tiny'.*shape mismatch"):
+    with pytest.raises(CheckpointError, match=r"built differently.*--model-kwargs embed_dim=32 \(this run: embed_dim=48\)"):
         main(other + ["--epochs", "2", "--output", str(tmp_path / "b"),
                       "--resume", str(tmp_path / "a" / "last.pth.tar")])
     bad = tmp_path / "bad.pth.tar"
@@ -158,3 +161,45 @@ def test_vit_adaptation_from_local_pretrained_file(tmp_path):
     # pretrained patch embedding kept (fine-tuned a little), the attention is CBSA* now (new step-size params)
     assert torch.allclose(sd["patch_embed.proj.weight"], src.state_dict()["patch_embed.proj.weight"], atol=1e-2)
     assert set(sd) != set(src.state_dict())
+
+
+def test_progress_line_with_eta_and_linear_baseline(tmp_path, caplog, capsys):
+    import logging
+    caplog.set_level(logging.INFO, logger="train")
+    args = [a for a in TINY if a != "--quiet"]
+    res = main(args + ["--epochs", "2", "--log-interval", "2", "--output", str(tmp_path), "--linear-baseline"])
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Train ")]
+    # 128 samples / 16 = 8 steps an epoch, 16 in all; a line every 2 steps, mid-epoch only (the 8th is the epoch line)
+    assert [m.split(" | ")[0] for m in progress][:3] == ["Train 0 [2/8] step 2 of 16 (12%)",
+                                                         "Train 0 [4/8] step 4 of 16 (25%)",
+                                                         "Train 0 [6/8] step 6 of 16 (38%)"]
+    assert all(" | ETA " in m and "img/s" in m for m in progress)
+    assert 0.0 <= res["linear_baseline_top1"] <= 100.0
+    out = capsys.readouterr().out
+    assert f"model {res['top1']:.2f}% vs linear baseline {res['linear_baseline_top1']:.2f}% on raw pixels" in out
+    import json
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["linear_baseline_top1"] == res["linear_baseline_top1"] and saved["top1"] == res["top1"]
+    with pytest.raises(ConfigError, match="--linear-baseline needs an in-memory dataset"):
+        validate_args(parse_args(["--dataset", "imagefolder", "--linear-baseline"]), check_paths=False)
+
+
+def test_linear_baseline_separable_and_random_labels():
+    import numpy as np
+    from train.train import linear_baseline
+    rng = np.random.default_rng(0)
+
+    class InMemory:  # what the adapters expose: .images (N, H, W) uint8, .targets (N,)
+        def __init__(self, n, random_labels=False):
+            self.targets = rng.integers(0, 4, n)
+            self.images = rng.integers(0, 40, (n, 8, 8)).astype(np.uint8)
+            for i, c in enumerate(self.targets):
+                self.images[i, 2 * c:2 * c + 2] += 200  # class c lights up rows 2c, 2c+1
+            if random_labels:
+                self.targets = rng.integers(0, 4, n)
+
+        def __len__(self):
+            return len(self.targets)
+
+    assert linear_baseline(InMemory(400), InMemory(200), 4) == 100.0  # linearly separable
+    assert linear_baseline(InMemory(400, True), InMemory(400, True), 4) < 40.0  # labels unrelated: about chance
