@@ -56,6 +56,8 @@ def build_parser():
     p.add_argument('--data-dir', default=None)
     p.add_argument('--out', default=os.path.join(HERE, 'results'))
     p.add_argument('--name', default='vit_adapt_fmnist')
+    p.add_argument('--summarize', default=None, metavar='RUNS_CSV',
+                   help='no training: rebuild the table / PNG from a runs CSV (also of a run cut short)')
     return p
 
 
@@ -69,8 +71,15 @@ def main(argv=None):
     import timm_cbsa
     from _common import machine_description, markdown_table, write_csv
     from _fmnist196 import Recipe, bar_chart, build_vit, count_params, evaluate, load_split, train
-    torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    if args.summarize:
+        import csv
+        with open(args.summarize) as f:
+            runs = list(csv.DictReader(f))
+        header = [f'# ViT adaptation in miniature: Fashion-MNIST 56×56, 4×4 patches (196 + class token)',
+                  f'(table rebuilt from {os.path.basename(args.summarize)}; recipe: see the command of that run)']
+        return summarize(runs, args.out, args.name, header, args.ft_epochs, args.variants)
+    torch.set_num_threads(args.threads)
     base = Recipe(train_samples=args.train_samples, test_samples=args.test_samples)
     pre = Recipe(**{**base.as_dict(), 'epochs': args.pretrain_epochs, 'lr': args.pretrain_lr})
     short = Recipe(**{**base.as_dict(), 'epochs': args.ft_epochs})
@@ -138,36 +147,54 @@ def main(argv=None):
             record(model=v, stage='scratch', seed=seed, top1=round(t1, 2), params=count_params(m),
                    img_per_s=round(st['img_per_s'], 1))
 
-    # summary
+    return summarize(runs, args.out, args.name, header, short.epochs, args.variants)
+
+
+def summarize(runs, out, name, header, ft_epochs, variants=tuple(VARIANTS)):
+    """Table, summary CSV and PNG from the per-run rows; stages that have not run show as '—'."""
+    from _common import markdown_table, write_csv
+
     def get(model, stage):
-        return [r['top1'] for r in runs if r['model'] == model and r['stage'] == stage]
+        return [float(r['top1']) for r in runs if r['model'] == model and r['stage'] == stage]
+
+    def fmt(mean, std):
+        return '—' if mean is None else f'{mean:.2f} ± {std:.2f}'
 
     summary = []
     labels = {'softmax': 'softmax (original)', **{k: v[1] for k, v in VARIANTS.items()}}
-    for v in ['softmax'] + list(args.variants):
-        conv = get(v, 'pretrained' if v == 'softmax' else 'converted')[0]
-        ft, sc = _ms(get(v, 'fine-tuned')), _ms(get(v, 'scratch'))
+    for v in ['softmax'] + list(variants):
+        if not any(r['model'] == v for r in runs):
+            continue
+        conv = get(v, 'pretrained' if v == 'softmax' else 'converted')
+        ft, sc = get(v, 'fine-tuned'), get(v, 'scratch')
+        ftm, scm = (_ms(ft) if ft else (None, None)), (_ms(sc) if sc else (None, None))
         summary.append(dict(model=v, label=labels[v],
-                            params=next(r['params'] for r in runs if r['model'] == v),
-                            converted_top1=conv, finetuned_mean=round(ft[0], 2), finetuned_std=round(ft[1], 2),
-                            scratch_mean=round(sc[0], 2), scratch_std=round(sc[1], 2),
-                            finetuned_per_seed=' '.join(f'{x:.2f}' for x in get(v, 'fine-tuned')),
-                            scratch_per_seed=' '.join(f'{x:.2f}' for x in get(v, 'scratch')),
+                            params=int(next(r['params'] for r in runs if r['model'] == v)),
+                            converted_top1=conv[0] if conv else None,
+                            finetuned_mean=None if ftm[0] is None else round(ftm[0], 2),
+                            finetuned_std=None if ftm[1] is None else round(ftm[1], 2),
+                            scratch_mean=None if scm[0] is None else round(scm[0], 2),
+                            scratch_std=None if scm[1] is None else round(scm[1], 2),
+                            finetuned_per_seed=' '.join(f'{x:.2f}' for x in ft),
+                            scratch_per_seed=' '.join(f'{x:.2f}' for x in sc),
                             paper_fig9_vit_t_224=PAPER_FIG9_T224.get(v, '')))
-    write_csv(os.path.join(args.out, f'{args.name}.csv'), summary)
+    write_csv(os.path.join(out, f'{name}.csv'), summary)
     table = markdown_table(
-        ['model', 'params', 'right after conversion', f'fine-tuned {short.epochs:g} ep (mean ± std)',
-         f'from scratch {short.epochs:g} ep (mean ± std)', 'paper Fig. 9 ViT-T/224'],
-        [[s['label'], f"{s['params']:,}", f"{s['converted_top1']:.2f}" + (' (pretrained)' if s['model'] == 'softmax' else ''),
-          f"{s['finetuned_mean']:.2f} ± {s['finetuned_std']:.2f}", f"{s['scratch_mean']:.2f} ± {s['scratch_std']:.2f}",
+        ['model', 'params', 'right after conversion', f'fine-tuned {ft_epochs:g} ep (mean ± std; seeds)',
+         f'from scratch {ft_epochs:g} ep (mean ± std; seeds)', 'paper Fig. 9 ViT-T/224'],
+        [[s['label'], f"{s['params']:,}",
+          ('—' if s['converted_top1'] is None else f"{s['converted_top1']:.2f}") +
+          (' (pretrained)' if s['model'] == 'softmax' else ''),
+          fmt(s['finetuned_mean'], s['finetuned_std']) + (f" ({s['finetuned_per_seed']})" if s['finetuned_per_seed'] else ''),
+          fmt(s['scratch_mean'], s['scratch_std']) + (f" ({s['scratch_per_seed']})" if s['scratch_per_seed'] else ''),
           str(s['paper_fig9_vit_t_224'] or '—')] for s in summary])
-    ranked = sorted(summary, key=lambda s: -s['finetuned_mean'])
+    ranked = sorted((s for s in summary if s['finetuned_mean'] is not None), key=lambda s: -s['finetuned_mean'])
     text = ('\n'.join(header) + '\n\n' + table + '\n\nFine-tuned ranking here: ' +
-            ' > '.join(s['model'] for s in ranked) +
+            (' > '.join(s['model'] for s in ranked) or '(no fine-tuning run finished)') +
             '\nPaper Fig. 9 (ViT-T/224, 50 epochs on IN-1k): softmax 76.9 > agent 74.7 > linear 73.2 > cbsa_star 72.2\n')
-    with open(os.path.join(args.out, f'{args.name}.md'), 'w') as f:
+    with open(os.path.join(out, f'{name}.md'), 'w') as f:
         f.write(text)
-    _plot(os.path.join(args.out, f'{args.name}.png'), summary, header[0].lstrip('# '), short.epochs)
+    _plot(os.path.join(out, f'{name}.png'), summary, header[0].lstrip('# '), ft_epochs)
     print(text)
     return summary
 
@@ -179,11 +206,12 @@ def _plot(path, summary, title, ep):
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     w = 0.26
     xs = list(range(len(summary)))
-    series = [('right after conversion', [s['converted_top1'] for s in summary], [0] * len(summary), '#bbbbbb'),
-              (f'fine-tuned {ep:g} ep', [s['finetuned_mean'] for s in summary], [s['finetuned_std'] for s in summary],
-               '#4c72b0'),
-              (f'from scratch {ep:g} ep', [s['scratch_mean'] for s in summary], [s['scratch_std'] for s in summary],
-               '#dd8452')]
+    z = lambda v: 0.0 if v is None else float(v)  # noqa: E731  (a stage that has not run: no bar)
+    series = [('right after conversion', [z(s['converted_top1']) for s in summary], [0] * len(summary), '#bbbbbb'),
+              (f'fine-tuned {ep:g} ep', [z(s['finetuned_mean']) for s in summary],
+               [z(s['finetuned_std']) for s in summary], '#4c72b0'),
+              (f'from scratch {ep:g} ep', [z(s['scratch_mean']) for s in summary],
+               [z(s['scratch_std']) for s in summary], '#dd8452')]
     for i, (lab, ms, ss, c) in enumerate(series):
         pos = [x + (i - 1) * w for x in xs]
         ax.bar(pos, ms, w, yerr=ss, capsize=3, label=lab, color=c)

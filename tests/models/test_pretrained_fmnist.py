@@ -11,11 +11,11 @@ from timm_cbsa.models.cbt_fmnist import FMNIST_WEIGHTS, WEIGHTS_DIR
 
 import timm_cbsa
 
-NAME = 'cbt_nano_patch4_28.fmnist'
+NAME = 'cbt_nano_patch8_32.fmnist'
 
 
 def test_weights_file_is_inside_the_package_and_small():
-    cfg = timm.create_model('cbt_nano_patch4_28').pretrained_cfg
+    cfg = timm.create_model('cbt_nano_patch8_32').pretrained_cfg
     path = cfg['file']
     pkg = os.path.dirname(os.path.abspath(timm_cbsa.__file__))
     assert os.path.commonpath([os.path.abspath(path), pkg]) == pkg
@@ -31,7 +31,7 @@ def test_pretrained_loads_without_network(monkeypatch):
         raise AssertionError('pretrained load tried to download')
     monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', no_download)
     m = timm.create_model(NAME, pretrained=True)
-    fresh = timm.create_model('cbt_nano_patch4_28')
+    fresh = timm.create_model('cbt_nano_patch8_32')
     from safetensors.torch import load_file
     sd = load_file(os.path.join(WEIGHTS_DIR, FMNIST_WEIGHTS['file']))
     assert set(sd) == set(m.state_dict())
@@ -42,13 +42,18 @@ def test_pretrained_loads_without_network(monkeypatch):
 
 @pytest.mark.skipif(not os.path.isdir(DEFAULT_FASHION_MNIST_DIR), reason='Debian dataset-fashion-mnist not installed')
 def test_pretrained_reproduces_stated_test_accuracy():
+    """timm's eval transform for the pretrained cfg (as the trainer evaluates) on the 10k Debian test images."""
+    from timm.data import create_transform, resolve_data_config
     m = timm.create_model(NAME, pretrained=True).eval()
-    ds = FashionMNIST(split='test')
-    mean, std = m.pretrained_cfg['mean'][0], m.pretrained_cfg['std'][0]
-    x = (torch.from_numpy(ds.images.copy()).float().unsqueeze(1) / 255. - mean) / std
-    y = torch.from_numpy(ds.targets)
+    tf = create_transform(**resolve_data_config({}, model=m))
+    ds = FashionMNIST(split='test', transform=tf)
+    assert len(ds) == 10000
+    correct = 0
     with torch.no_grad():
-        pred = torch.cat([m(x[i:i + 1000]).argmax(-1) for i in range(0, len(x), 1000)])
-    top1 = 100.0 * (pred == y).float().mean().item()
-    assert len(y) == 10000
+        for i in range(0, len(ds), 1000):
+            items = [ds[j] for j in range(i, i + 1000)]
+            x = torch.stack([t for t, _ in items])
+            assert x.shape[1:] == (1, 32, 32)
+            correct += int((m(x).argmax(-1) == torch.tensor([c for _, c in items])).sum())
+    top1 = 100.0 * correct / len(ds)
     assert abs(top1 - float(FMNIST_WEIGHTS['test_top1'])) <= 0.2, (top1, FMNIST_WEIGHTS['test_top1'])
