@@ -76,7 +76,14 @@ def main(argv=None):
     t0 = time.time()
     if not args.export_only:
         result = train_main(train_argv)
-    wall = time.time() - t0
+        wall = time.time() - t0
+    else:   # the training run's own record (train.train writes result.json)
+        try:
+            with open(os.path.join(args.output, 'result.json')) as f:
+                result = json.load(f)
+        except (OSError, ValueError):
+            result = {}
+        wall = result.get('train_time_s')
     ckpt = load_checkpoint_file(os.path.join(args.output, 'last.pth.tar'))
     state = {k[len('module.'):] if k.startswith('module.') else k: v.contiguous()
              for k, v in ckpt['state_dict'].items()}
@@ -96,7 +103,8 @@ def main(argv=None):
         dataset='Fashion-MNIST (Debian dataset-fashion-mnist), 60k train / 10k test',
         command='python scripts/train_fmnist_weights.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
         recipe=args.config, train_args=train_argv, seed=args.seed,
-        train_top1_reported=result.get('top1'), train_wall_s=round(wall, 1) if not args.export_only else None,
+        train_top1_reported=result.get('top1'), train_wall_s=None if wall is None else round(wall, 1),
+        linear_baseline_top1=result.get('linear_baseline_top1'),
         torch=torch.__version__, timm=timm.__version__, timm_cbsa=timm_cbsa.__version__,
         machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
         date=time.strftime('%Y-%m-%d'), sha256=_sha256(path), bytes=os.path.getsize(path))

@@ -41,10 +41,12 @@ def _provenance() -> dict:
 
 # Where the shipped weights came from and their Fashion-MNIST test top-1 (%), as recorded by the training script;
 # tests/models/test_pretrained_fmnist.py re-measures test_top1.
-FMNIST_WEIGHTS = dict(file=_FILE, test_top1=None, recipe='train/configs/fmnist_quickstart.yaml',
-                      command='python scripts/train_fmnist_weights.py', **{
-                          k: v for k, v in _provenance().items() if k in ('test_top1', 'recipe', 'command', 'date',
-                                                                         'sha256', 'seed', 'torch', 'timm')})
+FMNIST_WEIGHTS = {
+    'file': _FILE, 'test_top1': None, 'recipe': 'train/configs/fmnist_quickstart.yaml',
+    'command': 'python scripts/train_fmnist_weights.py',
+    **{k: v for k, v in _provenance().items()
+       if k in ('test_top1', 'recipe', 'command', 'date', 'sha256', 'seed', 'torch', 'timm')},
+}
 
 _ARCH = dict(img_size=32, patch_size=8, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=2)
 
