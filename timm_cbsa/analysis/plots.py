@@ -5,7 +5,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ['plot_class_token_maps', 'plot_full_attention', 'plot_coding_rate', 'plot_step_rates', 'plot_zeroshot']
+__all__ = ['plot_class_token_maps', 'plot_full_attention', 'plot_coding_rate', 'plot_step_rates', 'plot_zeroshot',
+           'plot_image_grid_maps']
 
 
 def _plt():
@@ -160,6 +161,35 @@ def plot_zeroshot(img: np.ndarray, heat: np.ndarray, mask: np.ndarray, path: str
         axes[3].imshow(gt, cmap='gray')
         axes[3].set_title('ground truth', fontsize=7)
     for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, dpi)
+
+
+def plot_image_grid_maps(images: Sequence[np.ndarray], maps: torch.Tensor, layers: Sequence[int], captions: Sequence[str],
+                         path: str, title: str = '', dpi: int = 90) -> str:
+    """Columns: images; rows: the image, then the head-mean class-token map of each layer in ``layers`` over it.
+
+    maps: (L, B, H, gh, gw); each head's map is max-normalised before averaging over heads.
+    """
+    plt = _plt()
+    B = len(images)
+    rows = 1 + len(layers)
+    fig, axes = plt.subplots(rows, B, figsize=(1.3 * B, 1.3 * rows + 0.4), squeeze=False)
+    for b, img in enumerate(images):
+        base = _img01(img)
+        size = img.shape[:2]
+        axes[0, b].imshow(base)
+        axes[0, b].set_title(captions[b], fontsize=6)
+        for r, l in enumerate(layers, start=1):
+            per = maps[l, b]
+            m = (per / per.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]).mean(0)
+            axes[r, b].imshow(_norm(_up(m, size)), cmap='inferno', vmin=0, vmax=1)
+            if b == 0:
+                axes[r, b].set_ylabel(f'layer {l}', fontsize=7)
+    for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=8)
