@@ -230,7 +230,7 @@ def test_timm_switches_select_the_eager_path(switch, monkeypatch):
 def test_environment_variables():
     code = ('import timm_cbsa.layers.backends as b, timm_cbsa; '
             'print(b.get_backend(), timm_cbsa.CBSA(8, 2).backend)')
-    for env, want in (({'TIMM_CBSA_BACKEND': 'sdpa'}, 'sdpa sdpa'), ({'TIMM_FUSED_ATTN': '0'}, 'fused eager')):
+    for env, want in (({'TIMM_CBSA_BACKEND': 'sdpa'}, 'sdpa sdpa'), ({'TIMM_FUSED_ATTN': '0'}, 'auto eager')):
         out = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
                              text=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == want, out.stderr
@@ -312,8 +312,9 @@ def test_attention_dropout_forces_eager(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallback of the xformers backend')
-def test_xformers_falls_back_on_cpu_with_one_logged_reason(caplog):
+def test_xformers_falls_back_on_cpu_with_one_logged_reason(caplog, monkeypatch):
     backends._PROBES.clear()
+    monkeypatch.setattr(backends, '_WARNED', set())   # other tests may have logged this fallback already
     layer = CBSA(32, 2, grid_size=(4, 4), rep_grid=2)
     x = torch.randn(2, 17, 32)
     with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUR_PATTERNS = ['cbsa_vit_*', 'cbt_*']      # added to NON_STD_FILTERS
-OUR_MODULES = ['cbsa_vit', 'cbt']           # added to FEAT_INTER_FILTERS (register_model module names)
+OUR_MODULES = ['cbsa_vit', 'cbt', 'cbt_fmnist']           # added to FEAT_INTER_FILTERS (register_model module names)
 
 CONFTEST = '''
 import fnmatch

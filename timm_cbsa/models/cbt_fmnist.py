@@ -19,7 +19,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 
 from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from ._helpers import configure_cbsa, pop_cbsa_kwargs
+from ._helpers import finish_cbsa_model, pop_cbsa_kwargs
 from .cbt import CBTBlock, ConvStemPatchEmbed
 
 __all__ = ['FMNIST_WEIGHTS', 'WEIGHTS_DIR']
@@ -90,4 +90,4 @@ def cbt_nano_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return configure_cbsa(model, **cbsa_kwargs)
+    return finish_cbsa_model(model, cbsa_kwargs)
