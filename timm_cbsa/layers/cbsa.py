@@ -115,8 +115,9 @@ class CBSA(GridAwareAttention):
         grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid
             (see ``layout.py``).
         num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p.
-        backend: 'eager' (this file's reference math), 'fused', 'sdpa', 'xformers' (see ``backends.py``), or None:
-            decided now from timm's switches and ``set_backend`` (``backends.default_backend``).
+        backend: 'eager' (this file's reference math), 'fused', 'sdpa', 'xformers', 'triton', 'auto' (triton on CUDA
+            where it runs, else fused; see ``backends.py``), or None: decided now from timm's switches and
+            ``set_backend`` (``backends.default_backend``; 'auto' unless set).
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens (patches last).
     """
