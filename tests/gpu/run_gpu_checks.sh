@@ -4,7 +4,9 @@
 #     bash tests/gpu/run_gpu_checks.sh OUTDIR
 # Budget: under 8 minutes on one H100/H200 (each step has its own timeout). Writes to OUTDIR:
 #   env.txt              torch / timm / triton / GPU versions
-#   gpu_tests.log(.xml)  tests/gpu (with pytest if installed, else tests/gpu/standalone.py): every kernel forced (fused, flash, memory-efficient, xformers when importable) in
+#   gpu_tests.log(.xml)  tests/gpu and tests/kernels/test_triton_cuda.py (with pytest if installed, else
+#                        tests/gpu/standalone.py): every kernel forced (fused, flash, memory-efficient, xformers when
+#                        importable, the Triton kernels compiled, the triton and auto backends that must not fall back) in
 #                        fp32 and bf16 / fp16 autocast on fp32 parameters, qk_norm, equal-window and adaptive pooling,
 #                        N up to 16k, a DDP (NCCL) training step, torch.compile, saved memory; a forced kernel that
 #                        falls back fails
@@ -28,9 +30,10 @@ PY
 cat "$OUT/env.txt"
 status=0
 if python -c 'import pytest' 2>/dev/null; then   # pytest where installed, else our small runner (tests/gpu/standalone.py)
-    run_tests=(python -m pytest tests/gpu -q -s -rs -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml")
+    run_tests=(python -m pytest tests/gpu tests/kernels/test_triton_cuda.py -q -s -rs -p no:cacheprovider \
+               --junitxml "$OUT/gpu_tests.xml")
 else
-    run_tests=(python tests/gpu/standalone.py tests/gpu/test_gpu_backends.py)
+    run_tests=(python tests/gpu/standalone.py tests/gpu/test_gpu_backends.py tests/kernels/test_triton_cuda.py)
 fi
 timeout 330 "${run_tests[@]}" 2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1

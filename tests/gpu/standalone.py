@@ -1,7 +1,7 @@
 """Run a test module without pytest (a bare GPU machine may have only torch and timm): the few pytest features the
-GPU tests use — mark.parametrize / skipif, pytest.skip, the monkeypatch and tmp_path fixtures — and a runner.
+GPU tests use — mark.parametrize / skipif, pytest.skip, the monkeypatch, tmp_path and caplog fixtures — and a runner.
 
-    python tests/gpu/standalone.py tests/gpu/test_gpu_backends.py
+    python tests/gpu/standalone.py tests/gpu/test_gpu_backends.py tests/kernels/test_triton_cuda.py
 """
 import importlib.util
 import inspect
@@ -22,7 +22,7 @@ class _Mark:
     def __getattr__(self, name):          # pytest.mark.<anything> (gpu, slow, ...) as a no-op decorator
         return lambda *a, **k: (a[0] if len(a) == 1 and callable(a[0]) and not k else (lambda f: f))
 
-    def parametrize(self, names, values):
+    def parametrize(self, names, values, ids=None):   # ids: labels are built from the values
         def deco(fn):
             fn.__dict__.setdefault('_params', []).insert(0, ([n.strip() for n in names.split(',')], list(values)))
             return fn
@@ -40,7 +40,16 @@ def _skip(reason=''):
     raise Skipped(reason)
 
 
-pytest_shim = types.SimpleNamespace(mark=_Mark(), skip=_skip, fail=lambda msg='': (_ for _ in ()).throw(AssertionError(msg)))
+def _fixture(fn=None, *, autouse=False, **_):
+    """pytest.fixture: only autouse generator fixtures (set-up, yield, tear-down around every test) are supported."""
+    def deco(f):
+        f._autouse = autouse
+        return f
+    return deco(fn) if callable(fn) else deco
+
+
+pytest_shim = types.SimpleNamespace(mark=_Mark(), skip=_skip, fixture=_fixture,
+                                    fail=lambda msg='': (_ for _ in ()).throw(AssertionError(msg)))
 
 
 class MonkeyPatch:
@@ -64,6 +73,29 @@ class MonkeyPatch:
         self._undo.clear()
 
 
+class LogCapture:
+    """pytest's ``caplog``, the part the GPU tests use: ``records`` and ``at_level(level, logger=name)``."""
+
+    def __init__(self):
+        import logging
+        self.records = []
+        self._handler = logging.Handler()
+        self._handler.emit = self.records.append
+
+    @__import__('contextlib').contextmanager
+    def at_level(self, level, logger=None):
+        import logging
+        log = logging.getLogger(logger)
+        old = log.level
+        log.setLevel(level)
+        log.addHandler(self._handler)
+        try:
+            yield
+        finally:
+            log.removeHandler(self._handler)
+            log.setLevel(old)
+
+
 def _cases(fn):
     groups = getattr(fn, '_params', [])
     for combo in itertools.product(*[vals for _, vals in groups]):
@@ -77,14 +109,18 @@ def _cases(fn):
 def main(path: str) -> int:
     sys.modules.setdefault('pytest', pytest_shim)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'support'))
-    spec = importlib.util.spec_from_file_location('gpu_tests', path)
+    spec = importlib.util.spec_from_file_location('gpu_tests_' + Path(path).stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     counts = {'passed': 0, 'failed': 0, 'skipped': 0}
+    autouse = [f for _, f in inspect.getmembers(mod, inspect.isfunction) if getattr(f, '_autouse', False)]
     start = time.time()
     for name, fn in inspect.getmembers(mod, inspect.isfunction):
         if not name.startswith('test_') or fn.__module__ != mod.__name__:
             continue
+        marks = getattr(mod, 'pytestmark', [])
+        for mark in (marks if isinstance(marks, list) else [marks]):   # module-level marks (skipif, gpu)
+            fn = mark(fn) or fn
         for kwargs in _cases(fn):
             label = name + (f'[{"-".join(str(v) for v in kwargs.values())}]' if kwargs else '')
             mp, tmp = MonkeyPatch(), tempfile.TemporaryDirectory()
@@ -93,9 +129,16 @@ def main(path: str) -> int:
                 kwargs['monkeypatch'] = mp
             if 'tmp_path' in params:
                 kwargs['tmp_path'] = Path(tmp.name)
+            if 'caplog' in params:
+                kwargs['caplog'] = LogCapture()
+            active = []
             try:
                 if getattr(fn, '_skip', None):
                     raise Skipped(fn._skip)
+                for fixture in autouse:
+                    gen = fixture()
+                    next(gen)
+                    active.append(gen)
                 fn(**kwargs)
                 counts['passed'] += 1
                 print(f'PASSED {label}', flush=True)
@@ -106,6 +149,8 @@ def main(path: str) -> int:
                 counts['failed'] += 1
                 print(f'FAILED {label}\n{traceback.format_exc()}', flush=True)
             finally:
+                for gen in reversed(active):
+                    next(gen, None)
                 mp.undo()
                 tmp.cleanup()
     print(f"{counts['failed']} failed, {counts['passed']} passed, {counts['skipped']} skipped "
@@ -114,4 +159,4 @@ def main(path: str) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1]))
+    sys.exit(max(main(path) for path in sys.argv[1:]) if len(sys.argv) > 1 else 2)

@@ -6,7 +6,7 @@ resized), a 3-conv stem (patch 8 → a 4×4 token grid), d = 64, 4 layers, 2 hea
 10 classes. It is the model of the README's main job (``train/configs/fmnist_quickstart.yaml``).
 
 ``timm.create_model('cbt_nano_patch8_32.fmnist', pretrained=True)`` loads the weights from the installed package
-(``timm_cbsa/models/weights/``; no download). They were trained by ``scripts/train_fmnist_weights.sh`` (the quickstart
+(``timm_cbsa/models/weights/``; no download). They were trained by ``scripts/train_fmnist_weights.py`` (the quickstart
 recipe; see ``FMNIST_WEIGHTS`` for the run and its test accuracy, which ``tests/models/test_pretrained_fmnist.py``
 re-measures on the Debian Fashion-MNIST test set).
 """
