@@ -19,7 +19,7 @@ import timm
 import timm_cbsa  # noqa: F401  (registers the attention names)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from timm.utils import accuracy
+from timm.utils import accuracy, dispatch_clip_grad
 
 from timm_cbsa.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST
 
@@ -36,12 +36,13 @@ class Recipe:
     mlp_ratio: float = 4.0
     global_pool: str = 'avg'
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 10
+    warmup_steps: int = 100
+    clip_grad: Optional[float] = 1.0      # global grad-norm clipping (timm's --clip-grad); None: off
     epochs: float = 1.0
-    train_samples: int = 8000
-    test_samples: int = 5000
+    train_samples: int = 60000
+    test_samples: int = 10000
 
     def as_dict(self):
         return asdict(self)
@@ -99,7 +100,8 @@ def evaluate(model: torch.nn.Module, imgs: torch.Tensor, labels: torch.Tensor, b
 def train(model: torch.nn.Module, imgs: torch.Tensor, labels: torch.Tensor, recipe: Recipe, seed: int,
           max_steps: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
           lr: Optional[float] = None) -> Dict[str, float]:
-    """Train ``model`` with the recipe (AdamW + warm-up + cosine per step, random h-flip); returns timing stats.
+    """Train ``model`` with the recipe (AdamW + warm-up + cosine per step, grad-norm clipping, random h-flip);
+    returns timing stats.
 
     The data order and augmentation depend only on ``seed``, so every row of a table sees the same batches.
     """
@@ -129,6 +131,8 @@ def train(model: torch.nn.Module, imgs: torch.Tensor, labels: torch.Tensor, reci
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if recipe.clip_grad:
+            dispatch_clip_grad(model.parameters(), recipe.clip_grad, mode='norm')
         opt.step()
         t_model += time.perf_counter() - ts
         step += 1

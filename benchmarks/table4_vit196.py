@@ -55,6 +55,8 @@ def build_parser():
     p.add_argument('--test-samples', type=int, default=r.test_samples)
     p.add_argument('--batch-size', type=int, default=r.batch_size)
     p.add_argument('--lr', type=float, default=r.lr)
+    p.add_argument('--warmup-steps', type=int, default=r.warmup_steps)
+    p.add_argument('--clip-grad', type=float, default=r.clip_grad, help='grad-norm clipping (0: off)')
     p.add_argument('--embed-dim', type=int, default=r.embed_dim)
     p.add_argument('--depth', type=int, default=r.depth)
     p.add_argument('--num-heads', type=int, default=r.num_heads)
@@ -84,7 +86,7 @@ def _runs_from_csv(path):
 def summarize(runs, out, name, header_lines):
     from _common import markdown_table, write_csv
     from _fmnist196 import bar_chart
-    order = list(dict.fromkeys(r['row'] for r in runs))
+    order = [row for row in ROWS if any(r['row'] == row for r in runs)]   # the table's fixed row order
     summary = []
     for row in order:
         rs = [r for r in runs if r['row'] == row]
@@ -121,12 +123,13 @@ def main(argv=None):
     from _fmnist196 import Recipe, build_vit, count_params, evaluate, load_split, train
     os.makedirs(args.out, exist_ok=True)
     recipe = Recipe(embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads, batch_size=args.batch_size,
-                    lr=args.lr, epochs=args.epochs, train_samples=args.train_samples, test_samples=args.test_samples)
+                    lr=args.lr, epochs=args.epochs, train_samples=args.train_samples, test_samples=args.test_samples,
+                    warmup_steps=args.warmup_steps, clip_grad=args.clip_grad or None)
     header = [f'# Table 4 at 196 tokens: Fashion-MNIST 56×56, 4×4 patches (196 + class token), ViT d={recipe.embed_dim} '
               f'depth {recipe.depth} heads {recipe.num_heads}',
               f'Budget per run: {recipe.train_samples} train images × {recipe.epochs:g} epochs, batch '
               f'{recipe.batch_size}, head: {recipe.global_pool} pool, AdamW lr {recipe.lr:g} wd {recipe.weight_decay} (warm-up {recipe.warmup_steps} steps, '
-              f'cosine), h-flip; test on {recipe.test_samples} test images; seeds {args.seeds}.',
+              f'cosine), grad-norm clip {recipe.clip_grad}, h-flip; test on {recipe.test_samples} test images; seeds {args.seeds}.',
               'Command: `python ' + ' '.join(['benchmarks/table4_vit196.py'] + list(argv if argv is not None
                                                                                     else sys.argv[1:])) + '`']
     runs_csv = os.path.join(args.out, f'{args.runs_name or args.name + "_runs"}.csv')

@@ -43,21 +43,23 @@ def build_parser():
     p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1])
     p.add_argument('--rep-grid', type=int, default=8, help='representative grid of the pooled variants (8 → m=64)')
-    p.add_argument('--train-samples', type=int, default=10000)
-    p.add_argument('--test-samples', type=int, default=2000)
+    p.add_argument('--train-samples', type=int, default=60000)
+    p.add_argument('--test-samples', type=int, default=10000)
     p.add_argument('--pretrain-epochs', type=float, default=2.0)
-    p.add_argument('--pretrain-lr', type=float, default=2e-3)
-    p.add_argument('--ft-epochs', type=float, default=0.4, help='the short, equal budget (fine-tune and scratch)')
-    p.add_argument('--ft-lr', type=float, default=5e-4)
-    p.add_argument('--scratch-lr', type=float, default=2e-3)
+    p.add_argument('--pretrain-lr', type=float, default=1e-3)
+    p.add_argument('--ft-epochs', type=float, default=0.25, help='the short, equal budget (fine-tune and scratch)')
+    p.add_argument('--ft-lr', type=float, default=2e-4)
+    p.add_argument('--scratch-lr', type=float, default=1e-3)
     p.add_argument('--max-steps', type=int, default=None, help='cap every training phase (smoke runs)')
     p.add_argument('--pretrained', default=None, help='reuse a pretrained softmax state dict (skips step 1)')
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--data-dir', default=None)
     p.add_argument('--out', default=os.path.join(HERE, 'results'))
     p.add_argument('--name', default='vit_adapt_fmnist')
-    p.add_argument('--summarize', default=None, metavar='RUNS_CSV',
-                   help='no training: rebuild the table / PNG from a runs CSV (also of a run cut short)')
+    p.add_argument('--summarize', nargs='+', default=None, metavar='RUNS_CSV',
+                   help='no training: rebuild the table / PNG from runs CSVs (also of a run cut short; e.g. one per '
+                        'seed, run in parallel with --pretrained)')
+    p.add_argument('--runs-name', default=None, help='file stem of the per-run CSV (default NAME_runs)')
     return p
 
 
@@ -74,10 +76,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.summarize:
         import csv
-        with open(args.summarize) as f:
-            runs = list(csv.DictReader(f))
+        runs = []
+        for path in args.summarize:
+            with open(path) as f:
+                runs += list(csv.DictReader(f))
         header = [f'# ViT adaptation in miniature: Fashion-MNIST 56×56, 4×4 patches (196 + class token)',
-                  f'(table rebuilt from {os.path.basename(args.summarize)}; recipe: see the command of that run)']
+                  f'(table merged from {", ".join(os.path.basename(p) for p in args.summarize)}; recipe: see the '
+                  f'commands of those runs)']
         return summarize(runs, args.out, args.name, header, args.ft_epochs, args.variants)
     torch.set_num_threads(args.threads)
     base = Recipe(train_samples=args.train_samples, test_samples=args.test_samples)
@@ -96,7 +101,7 @@ def main(argv=None):
               'Command: `python benchmarks/vit_adapt_fmnist.py' + (' ' + argv_s if argv_s else '') + '`',
               f'Machine: {machine_description(torch.device("cpu"))} at start (shared, noisy).']
     runs = []
-    runs_csv = os.path.join(args.out, f'{args.name}_runs.csv')
+    runs_csv = os.path.join(args.out, f'{args.runs_name or args.name + "_runs"}.csv')
 
     def record(**kw):
         runs.append(kw)

@@ -67,3 +67,14 @@ def test_vit_adapt_two_steps(tmp_path):
     for name in ('vit_adapt_fmnist.csv', 'vit_adapt_fmnist.md', 'vit_adapt_fmnist.png',
                  'vit_adapt_fmnist_softmax_pretrained.pth'):
         assert (tmp_path / name).stat().st_size > 100, name
+    # seeds run in parallel processes from the saved pretrained model, then merged: the same table
+    pre = str(tmp_path / 'vit_adapt_fmnist_softmax_pretrained.pth')
+    small = ['--max-steps', '2', '--train-samples', '64', '--test-samples', '32', '--rep-grid', '4',
+             '--pretrained', pre, '--out', str(tmp_path / 'par')]
+    for seed in ('0', '1'):
+        va.main(small + ['--seeds', seed, '--runs-name', f'runs_seed{seed}'])
+    merged = va.main(['--summarize', str(tmp_path / 'par' / 'runs_seed0.csv'), str(tmp_path / 'par' / 'runs_seed1.csv'),
+                      '--out', str(tmp_path / 'merged')])
+    key = lambda rows: [(s['model'], s['converted_top1'], s['finetuned_per_seed'], s['scratch_per_seed'])  # noqa: E731
+                        for s in rows]
+    assert key(merged) == key(summary)
