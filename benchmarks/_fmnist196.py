@@ -8,6 +8,7 @@ timm's (``create_optimizer_v2``, ``CosineLRScheduler``, ``timm.utils.accuracy``)
 from __future__ import annotations
 
 import math
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -159,8 +160,8 @@ def bar_chart(path: str, labels, means, stds, title: str, ylabel: str = 'test to
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.2))
     xs = range(len(labels))
     ax.bar(xs, means, yerr=stds, capsize=4, color=colors or '#4c72b0')
-    for x, m in zip(xs, means):
-        ax.text(x, m + 0.3, f'{m:.1f}', ha='center', va='bottom', fontsize=8)
+    for x, m, s in zip(xs, means, stds):
+        ax.text(x, m + (s or 0) + 0.2, f'{m:.1f}', ha='center', va='bottom', fontsize=8)   # above the error bar
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, rotation=30, ha='right', fontsize=8)
     ax.set_ylabel(ylabel)
@@ -168,7 +169,7 @@ def bar_chart(path: str, labels, means, stds, title: str, ylabel: str = 'test to
         lo = min(m - (s or 0) for m, s in zip(means, stds))
         ylim = (max(0.0, lo - 5), min(100.0, max(means) + 4))
     ax.set_ylim(*ylim)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
     ax.grid(True, axis='y', alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

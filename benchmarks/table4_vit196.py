@@ -111,7 +111,7 @@ def summarize(runs, out, name, header_lines):
         f.write(text)
     bar_chart(os.path.join(out, f'{name}.png'), [s['attention'] for s in summary],
               [s['top1_mean'] for s in summary], [s['top1_std'] for s in summary],
-              title=header_lines[0].lstrip('# ')[:120])
+              title=header_lines[0].lstrip('# ')[:180])
     print(text)
     return summary
 

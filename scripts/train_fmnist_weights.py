@@ -106,7 +106,7 @@ def main(argv=None):
         train_top1_reported=result.get('top1'), train_wall_s=None if wall is None else round(wall, 1),
         linear_baseline_top1=result.get('linear_baseline_top1'),
         torch=torch.__version__, timm=timm.__version__, timm_cbsa=timm_cbsa.__version__,
-        machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(), threads=_train_threads(train_argv),
         date=time.strftime('%Y-%m-%d'), sha256=_sha256(path), bytes=os.path.getsize(path))
     jpath = os.path.splitext(path)[0] + '.json'
     with open(jpath + '.tmp', 'w') as f:
@@ -116,6 +116,14 @@ def main(argv=None):
     print(f'wrote {path} ({meta["bytes"] / 1e3:.0f} kB) and {jpath}')
     print(f'{MODEL}.{TAG}: test top-1 {top1:.2f}% (loaded through timm.create_model(pretrained=True))')
     return meta
+
+
+def _train_threads(train_argv):
+    """The torch thread count the training ran with (its --threads flag, else torch's default here)."""
+    import torch
+    if '--threads' in train_argv:
+        return int(train_argv[train_argv.index('--threads') + 1])
+    return torch.get_num_threads()
 
 
 def _sha256(path):
