@@ -74,32 +74,32 @@ def main(argv=None):
     from _common import machine_description, markdown_table, write_csv
     from _fmnist196 import Recipe, bar_chart, build_vit, count_params, evaluate, load_split, train
     os.makedirs(args.out, exist_ok=True)
-    if args.summarize:
-        import csv
-        runs = []
-        for path in args.summarize:
-            with open(path) as f:
-                runs += list(csv.DictReader(f))
-        header = [f'# ViT adaptation in miniature: Fashion-MNIST 56×56, 4×4 patches (196 + class token)',
-                  f'(table merged from {", ".join(os.path.basename(p) for p in args.summarize)}; recipe: see the '
-                  f'commands of those runs)']
-        return summarize(runs, args.out, args.name, header, args.ft_epochs, args.variants)
-    torch.set_num_threads(args.threads)
     base = Recipe(train_samples=args.train_samples, test_samples=args.test_samples)
     pre = Recipe(**{**base.as_dict(), 'epochs': args.pretrain_epochs, 'lr': args.pretrain_lr})
     short = Recipe(**{**base.as_dict(), 'epochs': args.ft_epochs})
-    tr_x, tr_y = load_split('train', base.train_samples, args.data_dir)
-    te_x, te_y = load_split('test', base.test_samples, args.data_dir)
     argv_s = ' '.join(argv if argv is not None else sys.argv[1:])
     header = [f'# ViT adaptation in miniature: Fashion-MNIST 56×56, 4×4 patches (196 + class token), ViT d={base.embed_dim} '
               f'depth {base.depth} heads {base.num_heads}',
               f'Pretraining: softmax ViT, {base.train_samples} train images × {pre.epochs:g} epochs, AdamW lr {pre.lr:g} '
               f'(seed 0). Short budget (fine-tune and scratch): {short.epochs:g} epoch(s) of the same images, batch '
-              f'{base.batch_size}; fine-tune lr {args.ft_lr:g}, scratch lr {args.scratch_lr:g}; warm-up + cosine; '
-              f'seeds {args.seeds}. Test: first {base.test_samples} test images. Pooled variants m = '
-              f'{args.rep_grid ** 2}.',
-              'Command: `python benchmarks/vit_adapt_fmnist.py' + (' ' + argv_s if argv_s else '') + '`',
-              f'Machine: {machine_description(torch.device("cpu"))} at start (shared, noisy).']
+              f'{base.batch_size}; fine-tune lr {args.ft_lr:g}, scratch lr {args.scratch_lr:g}; {base.warmup_steps} '
+              f'warm-up steps (at most 1/5 of a run) + cosine, grad-norm clip {base.clip_grad}; seeds {args.seeds}. '
+              f'Test: first {base.test_samples} test images. Pooled variants m = {args.rep_grid ** 2}.',
+              'Command: `python benchmarks/vit_adapt_fmnist.py' + (' ' + argv_s if argv_s else '') + '`']
+    if args.summarize:   # the recipe lines above describe the runs when they used the same flags
+        import csv
+        runs = []
+        for path in args.summarize:
+            with open(path) as f:
+                runs += list(csv.DictReader(f))
+        seeds = sorted({int(r['seed']) for r in runs if r['stage'] != 'converted'})
+        header[1] = header[1].replace(f'seeds {args.seeds}', f'seeds {seeds}')
+        header.append('(table merged from ' + ', '.join(os.path.basename(p) for p in args.summarize) + ')')
+        return summarize(runs, args.out, args.name, header, args.ft_epochs, args.variants)
+    torch.set_num_threads(args.threads)
+    tr_x, tr_y = load_split('train', base.train_samples, args.data_dir)
+    te_x, te_y = load_split('test', base.test_samples, args.data_dir)
+    header.append(f'Machine: {machine_description(torch.device("cpu"))} at start (shared, noisy).')
     runs = []
     runs_csv = os.path.join(args.out, f'{args.runs_name or args.name + "_runs"}.csv')
 
@@ -220,14 +220,14 @@ def _plot(path, summary, title, ep):
     for i, (lab, ms, ss, c) in enumerate(series):
         pos = [x + (i - 1) * w for x in xs]
         ax.bar(pos, ms, w, yerr=ss, capsize=3, label=lab, color=c)
-        for p_, m_ in zip(pos, ms):
-            ax.text(p_, m_ + 0.5, f'{m_:.0f}', ha='center', va='bottom', fontsize=7)
+        for p_, m_, s_ in zip(pos, ms, ss):
+            ax.text(p_, m_ + s_ + 0.5, f'{m_:.0f}', ha='center', va='bottom', fontsize=7)   # above the error bar
     ax.set_xticks(xs)
     ax.set_xticklabels([s['label'] for s in summary], rotation=20, ha='right', fontsize=8)
     ax.set_ylabel('test top-1 (%)')
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)   # room for the legend above the bars
     ax.set_title(title[:110], fontsize=8)
-    ax.legend(fontsize=8, loc='lower left')
+    ax.legend(fontsize=7, loc='upper center', ncol=3)
     ax.grid(True, axis='y', alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
