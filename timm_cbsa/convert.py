@@ -363,10 +363,13 @@ def load_converted(model: nn.Module, checkpoint: Union[str, Dict[str, Any]], str
     The checkpoint's variant is read from that record, otherwise inferred from the attention parameter names and
     shapes. Note: timm Attention, 'agent_qkv' and 'linear' have identical parameters (and so do 'agent' and 'mssa'),
     so a plain state dict cannot tell them apart — record the variant (``save_converted`` / ``save_for_hf``).
-    Raises ``CheckpointMismatchError`` naming both variants, or listing missing / unexpected / mis-shaped keys.
+    Raises ``CheckpointMismatchError`` naming both variants, or listing missing / unexpected / mis-shaped keys; a file
+    that cannot be read, or that asks for code when unpickled, raises ``CheckpointLoadError`` /
+    ``UnsafeCheckpointError`` naming it.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        from .models._checkpoint import read_checkpoint
+        checkpoint = read_checkpoint(checkpoint)      # weights_only; bad or unsafe files raise naming the file
     recorded = checkpoint.get('attn_layer') if isinstance(checkpoint, dict) else None
     state_dict = _unwrap(checkpoint)
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}

@@ -113,3 +113,30 @@ def test_safetensors_files_load(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(os.urandom(256))
     with pytest.raises(CheckpointLoadError, match='bad.safetensors'):
         read_state_dict(tmp_path / 'bad.safetensors')
+
+
+def test_load_converted_refuses_crafted_pickles_and_names_bad_files(tmp_path):
+    """timm_cbsa.load_converted reads paths through the same weights-only reader: nothing runs, errors name the file,
+    and a file written by save_converted still round-trips (its attn_layer record included)."""
+    import timm
+    from timm_cbsa import convert
+    from timm_cbsa.convert import load_converted, save_converted
+    marker = tmp_path / 'pwned'
+    model = convert(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, num_classes=3),
+                    variant='cbsa_star', rep_grid=2)
+    evil = _evil_file(tmp_path / 'evil.pth', marker)
+    with pytest.raises(UnsafeCheckpointError, match='system') as err:
+        load_converted(model, str(evil))
+    assert not marker.exists() and str(evil) in str(err.value)
+    with pytest.raises(CheckpointLoadError, match='does not exist'):
+        load_converted(model, str(tmp_path / 'missing.pth'))
+    trunc = tmp_path / 'trunc.pth'
+    save_converted(model, tmp_path / 'good.pth')
+    trunc.write_bytes((tmp_path / 'good.pth').read_bytes()[:200])
+    with pytest.raises(CheckpointLoadError, match='trunc.pth'):
+        load_converted(model, str(trunc))
+    fresh = convert(timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1, num_classes=3),
+                    variant='cbsa_star', rep_grid=2)
+    load_converted(fresh, str(tmp_path / 'good.pth'))
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k

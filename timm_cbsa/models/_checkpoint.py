@@ -14,7 +14,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-__all__ = ['CheckpointLoadError', 'UnsafeCheckpointError', 'read_state_dict']
+__all__ = ['CheckpointLoadError', 'UnsafeCheckpointError', 'read_checkpoint', 'read_state_dict']
 
 PathLike = Union[str, 'os.PathLike[str]']
 
@@ -35,22 +35,15 @@ def _refused_types(err: BaseException) -> str:
     return m.group(1).strip(' .,') if m else ''
 
 
-def read_state_dict(path: PathLike) -> Dict[str, Any]:
-    """Load the model weights held by ``path`` (``.pth``/``.pth.tar``/``.bin`` or ``.safetensors``).
-
-    A dict holding the weights under ``state_dict`` / ``model`` is unwrapped and DDP's ``module.`` prefix removed
-    (timm's ``load_state_dict`` + ``clean_state_dict``). Raises :class:`CheckpointLoadError` /
-    :class:`UnsafeCheckpointError` naming the file.
-    """
-    from timm.models import load_state_dict
-
+def _load_safely(path: PathLike, load) -> Any:
+    """``load(path)`` with the file checks and the error mapping shared by the readers below."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointLoadError(f'Checkpoint {path!r} does not exist (or is not a file).')
     if os.path.getsize(path) == 0:
         raise CheckpointLoadError(f'Checkpoint {path!r} is empty (0 bytes): an interrupted download or copy?')
     try:
-        state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+        return load(path)
     except Exception as e:  # noqa: BLE001  (re-raised with the file's name)
         refused = _refused_types(e)
         if refused:
@@ -61,6 +54,30 @@ def read_state_dict(path: PathLike) -> Dict[str, Any]:
         raise CheckpointLoadError(
             f'Checkpoint {path!r} is not a readable PyTorch / safetensors checkpoint (truncated or corrupt?): '
             f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}') from e
+
+
+def read_checkpoint(path: PathLike) -> Any:
+    """The whole object saved in ``path`` (e.g. ``save_converted``'s dict with its ``attn_layer`` record), read with
+    ``weights_only=True`` (``.safetensors``: its tensors). Same errors as :func:`read_state_dict`."""
+    def load(p):
+        if p.endswith('.safetensors'):
+            from safetensors.torch import load_file
+            return load_file(p, device='cpu')
+        return torch.load(p, map_location='cpu', weights_only=True)
+    return _load_safely(path, load)
+
+
+def read_state_dict(path: PathLike) -> Dict[str, Any]:
+    """Load the model weights held by ``path`` (``.pth``/``.pth.tar``/``.bin`` or ``.safetensors``).
+
+    A dict holding the weights under ``state_dict`` / ``model`` is unwrapped and DDP's ``module.`` prefix removed
+    (timm's ``load_state_dict`` + ``clean_state_dict``). Raises :class:`CheckpointLoadError` /
+    :class:`UnsafeCheckpointError` naming the file.
+    """
+    from timm.models import load_state_dict
+
+    path = os.fspath(path)
+    state_dict = _load_safely(path, lambda p: load_state_dict(p, use_ema=False, weights_only=True))
     for key in ('model_state_dict', 'module'):     # other trainers' wrappers (timm unwraps state_dict / model)
         if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
