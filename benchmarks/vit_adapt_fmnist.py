@@ -78,29 +78,28 @@ def main(argv=None):
     pre = Recipe(**{**base.as_dict(), 'epochs': args.pretrain_epochs, 'lr': args.pretrain_lr})
     short = Recipe(**{**base.as_dict(), 'epochs': args.ft_epochs})
     argv_s = ' '.join(argv if argv is not None else sys.argv[1:])
+    runs = []
+    if args.summarize:
+        import csv
+        for path in args.summarize:
+            with open(path) as f:
+                runs += list(csv.DictReader(f))
+    seeds = sorted({int(r['seed']) for r in runs if r['stage'] != 'converted'}) if runs else args.seeds
     header = [f'# ViT adaptation in miniature: Fashion-MNIST 56×56, 4×4 patches (196 + class token), ViT d={base.embed_dim} '
               f'depth {base.depth} heads {base.num_heads}',
               f'Pretraining: softmax ViT, {base.train_samples} train images × {pre.epochs:g} epochs, AdamW lr {pre.lr:g} '
               f'(seed 0). Short budget (fine-tune and scratch): {short.epochs:g} epoch(s) of the same images, batch '
               f'{base.batch_size}; fine-tune lr {args.ft_lr:g}, scratch lr {args.scratch_lr:g}; {base.warmup_steps} '
-              f'warm-up steps (at most 1/5 of a run) + cosine, grad-norm clip {base.clip_grad}; seeds {args.seeds}. '
+              f'warm-up steps (at most 1/5 of a run) + cosine, grad-norm clip {base.clip_grad}; seeds {seeds}. '
               f'Test: first {base.test_samples} test images. Pooled variants m = {args.rep_grid ** 2}.',
               'Command: `python benchmarks/vit_adapt_fmnist.py' + (' ' + argv_s if argv_s else '') + '`']
     if args.summarize:   # the recipe lines above describe the runs when they used the same flags
-        import csv
-        runs = []
-        for path in args.summarize:
-            with open(path) as f:
-                runs += list(csv.DictReader(f))
-        seeds = sorted({int(r['seed']) for r in runs if r['stage'] != 'converted'})
-        header[1] = header[1].replace(f'seeds {args.seeds}', f'seeds {seeds}')
         header.append('(table merged from ' + ', '.join(os.path.basename(p) for p in args.summarize) + ')')
         return summarize(runs, args.out, args.name, header, args.ft_epochs, args.variants)
     torch.set_num_threads(args.threads)
     tr_x, tr_y = load_split('train', base.train_samples, args.data_dir)
     te_x, te_y = load_split('test', base.test_samples, args.data_dir)
     header.append(f'Machine: {machine_description(torch.device("cpu"))} at start (shared, noisy).')
-    runs = []
     runs_csv = os.path.join(args.out, f'{args.runs_name or args.name + "_runs"}.csv')
 
     def record(**kw):

@@ -106,7 +106,7 @@ def main(argv=None):
         train_top1_reported=result.get('top1'), train_wall_s=None if wall is None else round(wall, 1),
         linear_baseline_top1=result.get('linear_baseline_top1'),
         torch=torch.__version__, timm=timm.__version__, timm_cbsa=timm_cbsa.__version__,
-        machine=platform.processor() or platform.machine(), threads=_train_threads(train_argv),
+        machine=platform.processor() or platform.machine(), threads=_train_threads(args.output),
         date=time.strftime('%Y-%m-%d'), sha256=_sha256(path), bytes=os.path.getsize(path))
     jpath = os.path.splitext(path)[0] + '.json'
     with open(jpath + '.tmp', 'w') as f:
@@ -118,12 +118,17 @@ def main(argv=None):
     return meta
 
 
-def _train_threads(train_argv):
-    """The torch thread count the training ran with (its --threads flag, else torch's default here)."""
+def _train_threads(output_dir):
+    """The torch thread count the training ran with: its own record (OUTPUT/args.yaml, written by train.train), else
+    torch's default here (``threads`` 0 / unset: the trainer left torch's default)."""
     import torch
-    if '--threads' in train_argv:
-        return int(train_argv[train_argv.index('--threads') + 1])
-    return torch.get_num_threads()
+    import yaml
+    try:
+        with open(os.path.join(output_dir, 'args.yaml')) as f:
+            threads = (yaml.safe_load(f) or {}).get('threads')
+    except OSError:
+        threads = None
+    return int(threads) if threads else torch.get_num_threads()
 
 
 def _sha256(path):

@@ -3,9 +3,11 @@ GPU tests use — mark.parametrize / skipif, pytest.skip, the monkeypatch, tmp_p
 
     python tests/gpu/standalone.py tests/gpu/test_gpu_backends.py tests/kernels/test_triton_cuda.py
 """
+import contextlib
 import importlib.util
 import inspect
 import itertools
+import logging
 import sys
 import tempfile
 import time
@@ -77,14 +79,12 @@ class LogCapture:
     """pytest's ``caplog``, the part the GPU tests use: ``records`` and ``at_level(level, logger=name)``."""
 
     def __init__(self):
-        import logging
         self.records = []
         self._handler = logging.Handler()
         self._handler.emit = self.records.append
 
-    @__import__('contextlib').contextmanager
+    @contextlib.contextmanager
     def at_level(self, level, logger=None):
-        import logging
         log = logging.getLogger(logger)
         old = log.level
         log.setLevel(level)
@@ -114,12 +114,13 @@ def main(path: str) -> int:
     spec.loader.exec_module(mod)
     counts = {'passed': 0, 'failed': 0, 'skipped': 0}
     autouse = [f for _, f in inspect.getmembers(mod, inspect.isfunction) if getattr(f, '_autouse', False)]
+    marks = getattr(mod, 'pytestmark', [])                     # module-level marks (skipif, gpu)
+    marks = marks if isinstance(marks, list) else [marks]
     start = time.time()
     for name, fn in inspect.getmembers(mod, inspect.isfunction):
         if not name.startswith('test_') or fn.__module__ != mod.__name__:
             continue
-        marks = getattr(mod, 'pytestmark', [])
-        for mark in (marks if isinstance(marks, list) else [marks]):   # module-level marks (skipif, gpu)
+        for mark in marks:
             fn = mark(fn) or fn
         for kwargs in _cases(fn):
             label = name + (f'[{"-".join(str(v) for v in kwargs.values())}]' if kwargs else '')
