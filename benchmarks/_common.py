@@ -125,7 +125,7 @@ def loglog_plot(path: str, series: Dict[str, Dict[int, float]], title: str, ylab
 def runs_triton(fn: Callable[[], object]) -> bool:
     """Whether ``fn()`` ran the CBSA Triton kernels (a 'triton' benchmark row must not be a silent fallback to
     'fused': the backend logs its reason and falls back, so the scripts check before timing)."""
-    from timm_cbsa.kernels.cbsa import function
+    from timm_cbsa.ops.contract_broadcast.triton import function
     calls = []
     cls = function.TritonContractBroadcast
     apply = cls.apply

@@ -44,7 +44,7 @@ from torch import nn
 
 from .layers.cbsa import CBSA
 from .layers.family import FAMILY_ATTN_LAYERS, AgentAttentionQKV, CBSAStar, LinearAttention
-from .layers.representatives import to_grid
+from .ops.contract_broadcast.pooling import to_grid
 from .models._helpers import cbsa_config, check_cbsa_config, configure_cbsa
 from .models.cbt import CheckpointMismatchError, _check_against, _unwrap
 

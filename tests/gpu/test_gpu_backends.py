@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from timm_cbsa.layers import backends, fused
+from timm_cbsa.layers import backends
+from timm_cbsa.ops.contract_broadcast import fused
 from timm_cbsa.layers.cbsa import CBSA
 
 from backend_checks import rel_errors, run_fwd_bwd  # tests/support

@@ -26,9 +26,9 @@ NAMES = ['out', 'dw', 'dr', 'deta', 'dkap']
 
 
 def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
-    from timm_cbsa.kernels.cbsa import contract_and_broadcast_triton, naive_contract_and_broadcast
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, naive_contract_and_broadcast
     from timm_cbsa.layers.cbsa import CBSA
-    from timm_cbsa.layers.representatives import pool_representatives
+    from timm_cbsa.ops.contract_broadcast.pooling import pool_representatives
     g = torch.Generator().manual_seed(0)
     N = prefix + grid[0] * grid[1]
     m = rep[0] * rep[1]
@@ -93,7 +93,7 @@ def run_layer_case():
     input and parameter gradients, and whether the kernels really ran (no fallback)."""
     import logging
     from backend_checks import rel_errors, run_fwd_bwd   # tests/support
-    from timm_cbsa.kernels.cbsa import function
+    from timm_cbsa.ops.contract_broadcast.triton import function
     from timm_cbsa.layers.cbsa import CBSA
     records = []
     handler = logging.Handler()
@@ -147,7 +147,7 @@ def main(argv):
     if problem is not None:
         print(json.dumps({'interpreter_unusable': problem}), flush=True)
         return
-    from timm_cbsa.kernels.cbsa import kernels
+    from timm_cbsa.ops.contract_broadcast.triton import kernels
     interpreted = type(kernels._broadcast_fwd).__name__   # InterpretedFunction under TRITON_INTERPRET=1
     wanted = set(argv)
     for case in CASES:

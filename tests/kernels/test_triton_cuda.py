@@ -40,14 +40,14 @@ def _no_tf32():
 
 def test_kernels_are_compiled_not_interpreted():
     from triton.runtime.jit import JITFunction
-    from timm_cbsa.kernels.cbsa import kernels
+    from timm_cbsa.ops.contract_broadcast.triton import kernels
     assert isinstance(kernels._broadcast_fwd, JITFunction), type(kernels._broadcast_fwd)
 
 
 @pytest.mark.parametrize('dtype', list(DTYPES))
 @pytest.mark.parametrize('shape', SHAPES, ids=['vit_s_224', 'm49_d96_adaptive'])
 def test_kernels_match_reference(dtype, shape):
-    from timm_cbsa.kernels.cbsa import contract_and_broadcast_triton, naive_contract_and_broadcast, triton_probe
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, naive_contract_and_broadcast, triton_probe
     B, H, d, grid, rep, prefix = shape
     dt = DTYPES[dtype]
     m, N = rep[0] * rep[1], prefix + grid[0] * grid[1]
@@ -82,7 +82,7 @@ def _layer(d=64, heads=6):
 @pytest.mark.parametrize('dtype', list(DTYPES))
 def test_layer_backend_runs_triton_and_matches_eager(monkeypatch, caplog, backend, dtype):
     """The layer's 'triton' backend and the CUDA default 'auto' must run the kernels: a fallback fails this test."""
-    from timm_cbsa.kernels.cbsa import function
+    from timm_cbsa.ops.contract_broadcast.triton import function
     calls = []
     apply = function.TritonContractBroadcast.apply
     monkeypatch.setattr(function.TritonContractBroadcast, 'apply', lambda *a: calls.append(1) or apply(*a))
@@ -106,7 +106,7 @@ def test_layer_backend_runs_triton_and_matches_eager(monkeypatch, caplog, backen
 def test_autocast_bf16_model_runs_triton(monkeypatch):
     """Under CUDA autocast (the training setting) the default backend runs the kernels on bf16 tokens."""
     import timm
-    from timm_cbsa.kernels.cbsa import function
+    from timm_cbsa.ops.contract_broadcast.triton import function
     calls = []
     apply = function.TritonContractBroadcast.apply
     monkeypatch.setattr(function.TritonContractBroadcast, 'apply', lambda *a: calls.append(1) or apply(*a))

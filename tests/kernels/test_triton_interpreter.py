@@ -70,7 +70,7 @@ def test_layer_backend_triton_runs_the_kernels(interpreter_results):
 
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') == '1', reason='checks the non-interpreted CPU refusal')
 def test_cpu_without_interpreter_is_refused_with_reason():
-    from timm_cbsa.kernels.cbsa import contract_and_broadcast_triton, triton_unsupported_reason
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, triton_unsupported_reason
     assert 'CUDA' in triton_unsupported_reason(torch.device('cpu'), torch.float32, 64, 64)
     w = torch.randn(1, 2, 17, 8)
     with pytest.raises(ValueError, match='need a CUDA device'):
@@ -78,7 +78,7 @@ def test_cpu_without_interpreter_is_refused_with_reason():
 
 
 def test_static_limits_name_the_problem():
-    from timm_cbsa.kernels.cbsa import triton_unsupported_reason
+    from timm_cbsa.ops.contract_broadcast.triton import triton_unsupported_reason
     dev = torch.device('cuda')
     assert 'representatives' in triton_unsupported_reason(dev, torch.float16, 64, 256)
     assert 'head dim' in triton_unsupported_reason(dev, torch.float16, 160, 64)

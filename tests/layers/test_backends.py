@@ -11,9 +11,10 @@ import timm
 import torch
 
 import timm_cbsa
-from timm_cbsa.layers import backends, fused
+from timm_cbsa.layers import backends
+from timm_cbsa.ops.contract_broadcast import fused
 from timm_cbsa.layers.backends import BACKENDS, fused_contract_and_broadcast, get_backend, set_backend, use_backend
-from timm_cbsa.layers.fused import ContractBroadcast
+from timm_cbsa.ops.contract_broadcast.fused import ContractBroadcast
 from timm_cbsa.layers.cbsa import CBSA
 
 from backend_checks import rel_errors, run_fwd_bwd  # tests/support
@@ -84,7 +85,7 @@ def test_gradcheck_float64_pooling_inside(grid, rep, legacy, budget):
     """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy), per-head blocks,
     batched blocks of two and one batch element (scratch buffers sliced to each) and one batched block: float64
     gradcheck, and the forward equals pooling outside."""
-    from timm_cbsa.layers.representatives import pool_representatives
+    from timm_cbsa.ops.contract_broadcast.pooling import pool_representatives
     torch.manual_seed(0)
     B, H, d = 3, 2, 3
     N = 1 + grid[0] * grid[1] + (0 if legacy else 1)   # legacy: one class token; else two prefix tokens

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from ._fx import register_notrace_function
-from .fused import LSE_IMPLS, ContractBroadcast, block_budget_bytes, no_autocast
+from ..ops.contract_broadcast.fused import LSE_IMPLS, ContractBroadcast, block_budget_bytes, no_autocast
 
 __all__ = [
     'BACKENDS', 'Backend', 'register_backend', 'set_backend', 'get_backend', 'default_backend', 'resolve_backend',
@@ -272,12 +272,12 @@ register_backend('xformers', _kernel_apply('xformers'), _kernel_check('xformers'
 def _triton_supported(w: torch.Tensor, m: int) -> Optional[str]:
     if torch.compiler.is_compiling():
         return 'not probed inside a compiled region (the fused backend runs there)'
-    from ..kernels.cbsa import triton_probe
+    from ..ops.contract_broadcast.triton import triton_probe
     return triton_probe(w.device, w.dtype, w.shape[-1], m)
 
 
 def _triton_apply(w, r, step_rep, step_x, scale: float, pool):
-    from ..kernels.cbsa import contract_and_broadcast_triton
+    from ..ops.contract_broadcast.triton import contract_and_broadcast_triton
     return contract_and_broadcast_triton(w, step_rep, step_x, scale, pool=pool, r=r)
 
 

@@ -24,7 +24,7 @@ from .backends import fused_contract_and_broadcast, resolve_backend
 from ._fx import register_notrace_function
 from ._heads import init_heads
 from .layout import GridAwareAttention
-from .representatives import pool_representatives, to_grid
+from ..ops.contract_broadcast.pooling import pool_representatives, to_grid
 
 __all__ = ['CBSA', 'attention_weights', 'similarity']
 

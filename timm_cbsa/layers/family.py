@@ -57,7 +57,7 @@ from ._heads import init_heads
 from .backends import resolve_backend
 from .cbsa import attention_weights, check_no_mask, check_token_layout
 from .layout import GridAwareAttention
-from .representatives import pool_representatives, to_grid
+from ..ops.contract_broadcast.pooling import pool_representatives, to_grid
 
 __all__ = [
     'contract', 'contract_and_broadcast_general', 'channel_rescale_eq13', 'principal_direction_attention_eq12',

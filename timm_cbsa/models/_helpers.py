@@ -7,7 +7,7 @@ from torch import nn
 
 from ..layers.backends import resolve_backend
 from ..layers.layout import bind_patch_grid, find_grid_aware_layers
-from ..layers.representatives import to_grid
+from ..ops.contract_broadcast.pooling import to_grid
 
 __all__ = ['CBSA_MODEL_KWARGS', 'pop_cbsa_kwargs', 'configure_cbsa', 'finish_cbsa_model', 'cbsa_config', 'check_cbsa_config',
            'CBSAConfigMismatchError']

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ...layers.representatives import pool_representatives
+from ..pooling import pool_representatives
 
 __all__ = ['TritonContractBroadcast', 'contract_and_broadcast_triton', 'triton_unsupported_reason', 'triton_probe',
            'MAX_REPRESENTATIVES', 'MAX_HEAD_DIM']
@@ -216,7 +216,7 @@ def triton_probe(device, dtype: torch.dtype, head_dim: int, num_reps: int) -> Op
 
 
 def _numerical_probe(device: torch.device, dtype: torch.dtype, d: int, m: int) -> Optional[str]:
-    from .naive import naive_contract_and_broadcast
+    from ..naive import naive_contract_and_broadcast
     try:
         g = torch.Generator().manual_seed(0)
         B, H, N = 2, 2, 77                                            # odd N: a partial last token block

@@ -4,7 +4,7 @@ from typing import Optional
 
 import torch
 
-from ...layers.representatives import pool_representatives
+from .pooling import pool_representatives
 
 __all__ = ['naive_contract_and_broadcast']
 

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .representatives import equal_windows, pool_representatives, pooled_tokens
+from .pooling import equal_windows, pool_representatives, pooled_tokens
 
 __all__ = ['ContractBroadcast', 'block_budget_bytes', 'no_autocast', 'LSE_IMPLS']
 

@@ -1,1 +1,0 @@
-"""Hand-written GPU kernels (Triton). ``cbsa``: the contract-and-broadcast core of CBSA (``backend='triton'``)."""

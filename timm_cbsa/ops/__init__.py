@@ -1,0 +1,1 @@
+"""Operators behind the CBSA layers. ``contract_broadcast``: CBSA's extraction, contraction and broadcast."""
