@@ -28,7 +28,7 @@ NAMES = ['out', 'dw', 'dr', 'deta', 'dkap']
 def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
     from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, naive_contract_and_broadcast
     from timm_cbsa.layers.cbsa import CBSA
-    from timm_cbsa.ops.contract_broadcast.pooling import pool_representatives
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec, pool_representatives
     g = torch.Generator().manual_seed(0)
     N = prefix + grid[0] * grid[1]
     m = rep[0] * rep[1]
@@ -41,7 +41,7 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
     eta0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
     kap0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
     grad = torch.randn(B, H, N, d, generator=g, dtype=f64)
-    pool = (grid, rep, legacy)
+    pool = PoolSpec(grid, rep, 1 if legacy else 0)
     scale = d ** -0.5
     # half precision is compared with the float64 reference (the eager layer in float64), like the CUDA tests
     ref_dtype = f64 if dtype == torch.float16 else dtype
@@ -55,7 +55,7 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
             layer.step_rep.copy_(eta)
             layer.step_x.copy_(kap)
         layer.step_rep.grad = layer.step_x.grad = None
-        return layer.contract_and_broadcast(w, pool_representatives(w, *pool) if r is None else r)
+        return layer.contract_and_broadcast(w, pool_representatives(w, pool) if r is None else r)
 
     def naive(w, r, eta, kap):
         return naive_contract_and_broadcast(w, eta, kap, scale, pool=None if qini == 'given' else pool, r=r)

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+
 from backend_checks import rel_errors, run_fwd_bwd  # tests/support
 
 pytestmark = [
@@ -57,7 +59,7 @@ def test_kernels_match_reference(dtype, shape):
     eta, kap = torch.randn(H, 1, 1, generator=g, dtype=torch.float64), torch.randn(H, 1, 1, generator=g,
                                                                                    dtype=torch.float64)
     grad = torch.randn(B, H, N, d, generator=g, dtype=torch.float64)
-    pool = (grid, rep, False)
+    pool = PoolSpec(grid, rep, 0)
     res = {}
     for tag, fn, fdt in (('triton', contract_and_broadcast_triton, dt), ('ref64', naive_contract_and_broadcast,
                                                                        torch.float64)):

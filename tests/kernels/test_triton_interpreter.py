@@ -17,6 +17,8 @@ import sys
 import pytest
 import torch
 
+from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
@@ -74,7 +76,7 @@ def test_cpu_without_interpreter_is_refused_with_reason():
     assert 'CUDA' in triton_unsupported_reason(torch.device('cpu'), torch.float32, 64, 64)
     w = torch.randn(1, 2, 17, 8)
     with pytest.raises(ValueError, match='need a CUDA device'):
-        contract_and_broadcast_triton(w, torch.ones(2, 1, 1), torch.ones(2, 1, 1), 8 ** -0.5, pool=((4, 4), (2, 2), False))
+        contract_and_broadcast_triton(w, torch.ones(2, 1, 1), torch.ones(2, 1, 1), 8 ** -0.5, pool=PoolSpec((4, 4), (2, 2), 0))
 
 
 def test_static_limits_name_the_problem():

@@ -85,21 +85,21 @@ def test_gradcheck_float64_pooling_inside(grid, rep, legacy, budget):
     """Q_ini pooled inside the function (equal windows / overlapping adaptive windows / legacy), per-head blocks,
     batched blocks of two and one batch element (scratch buffers sliced to each) and one batched block: float64
     gradcheck, and the forward equals pooling outside."""
-    from timm_cbsa.ops.contract_broadcast.pooling import pool_representatives
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec, pool_representatives
     torch.manual_seed(0)
     B, H, d = 3, 2, 3
     N = 1 + grid[0] * grid[1] + (0 if legacy else 1)   # legacy: one class token; else two prefix tokens
     w = torch.randn(B, N, H, d, dtype=torch.float64).transpose(1, 2).requires_grad_()
     eta = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
     kap = torch.randn(H, 1, 1, dtype=torch.float64, requires_grad=True)
-    pool = (grid, rep, legacy)
+    pool = PoolSpec(grid, rep, 1 if legacy else 0)
     old, fused._BLOCK_BYTES = fused._BLOCK_BYTES, budget
     try:
         blocks = fused._blocks(B, H, N, rep[0] * rep[1], w.device)
         assert len(blocks) == {1: B * H, 1500: 2, 1 << 40: 1}[budget] and blocks[0][1] == (budget > 1)
         fn = lambda *a: ContractBroadcast.apply(a[0], None, a[1], a[2], d ** -0.5, 'fused', pool)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (w, eta, kap))
-        r = pool_representatives(w, grid, rep, legacy=legacy)
+        r = pool_representatives(w, pool)
         torch.testing.assert_close(fn(w, eta, kap), ContractBroadcast.apply(w, r, eta, kap, d ** -0.5, 'fused'))
     finally:
         fused._BLOCK_BYTES = old

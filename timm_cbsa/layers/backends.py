@@ -51,6 +51,7 @@ from torch import nn
 
 from ._fx import register_notrace_function
 from ..ops.contract_broadcast.fused import LSE_IMPLS, ContractBroadcast, block_budget_bytes, no_autocast
+from ..ops.contract_broadcast.pooling import num_representatives
 
 __all__ = [
     'BACKENDS', 'Backend', 'register_backend', 'set_backend', 'get_backend', 'default_backend', 'resolve_backend',
@@ -323,7 +324,7 @@ def _cb_apply(backend: str, w: torch.Tensor, r: Optional[torch.Tensor], step_rep
         w = w.to(cast)
     if r is not None:
         r = r.to(w.dtype)
-    m = r.shape[-2] if r is not None else pool[1][0] * pool[1][1]
+    m = r.shape[-2] if r is not None else num_representatives(pool)
     name = backend
     if name == 'auto':
         name = 'triton' if w.device.type == 'cuda' and _triton_supported(w, m) is None else 'fused'
@@ -348,8 +349,8 @@ def fused_contract_and_broadcast(backend: str, w, r, step_rep, step_x, scale: fl
                                  pool: Optional[tuple] = None) -> torch.Tensor:
     """w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d), same result as ``CBSA.contract_and_broadcast``.
 
-    With ``r=None`` and ``pool=((H_p, W_p), (r_h, r_w), legacy)`` the function pools Q_ini from w itself, block by
-    block (``pool_representatives(w, *pool)``, without its N-wide passes).
+    With ``r=None`` and ``pool`` a ``PoolSpec`` the function pools Q_ini from w itself, block by
+    block (``pool_representatives(w, pool)``, without its N-wide passes).
 
     The result has w's memory layout, so ``out.transpose(1, 2).reshape(B, N, C)`` is a view when w came from the
     usual ``qkv(x).reshape(B, N, H, d).transpose(1, 2)``.

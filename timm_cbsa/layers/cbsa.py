@@ -23,8 +23,8 @@ from torch.jit import Final
 from .backends import fused_contract_and_broadcast, resolve_backend
 from ._fx import register_notrace_function
 from ._heads import init_heads
-from .layout import GridAwareAttention
-from ..ops.contract_broadcast.pooling import pool_representatives, to_grid
+from .layout import GridAwareAttention, check_token_layout  # noqa: F401  (check_token_layout: re-exported)
+from ..ops.contract_broadcast.pooling import pool_representatives
 
 __all__ = ['CBSA', 'attention_weights', 'similarity']
 
@@ -50,39 +50,6 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.T
 
 
 torch.fx.wrap('attention_weights')
-
-
-# input checks: FX keeps them as leaf calls (they branch on sizes); torch.fx.wrap must be called in this module
-@register_notrace_function
-def check_token_layout(
-        num_tokens: int,
-        grid_size: Tuple[int, int],
-        rep_grid: Tuple[int, int],
-        num_prefix_tokens: int,
-        legacy: bool,
-) -> None:
-    """Raise a clear error when the tokens cannot be laid out on the patch grid (FX: kept as a leaf call)."""
-    gh, gw = grid_size[0], grid_size[1]
-    rh, rw = rep_grid[0], rep_grid[1]
-    if gh < rh or gw < rw:
-        raise ValueError(
-            'CBSA: the patch grid ' + str(gh) + 'x' + str(gw) + ' is smaller than the representative grid '
-            + str(rh) + 'x' + str(rw) + '; use a larger image or a smaller rep_grid.')
-    if num_tokens < gh * gw:
-        raise ValueError(
-            'CBSA: got ' + str(num_tokens) + ' tokens but the patch grid ' + str(gh) + 'x' + str(gw)
-            + ' needs ' + str(gh * gw) + ' patch tokens.')
-    if num_prefix_tokens >= 0 and num_tokens != num_prefix_tokens + gh * gw:
-        raise ValueError(
-            'CBSA: got ' + str(num_tokens) + ' tokens, expected ' + str(num_prefix_tokens) + ' prefix + '
-            + str(gh) + 'x' + str(gw) + ' patch tokens.')
-    if legacy and num_tokens != gh * gw + 1:
-        raise ValueError(
-            'CBSA: legacy_pool reproduces the released code, which needs exactly one prefix (class) token; got '
-            + str(num_tokens - gh * gw) + '.')
-
-
-torch.fx.wrap('check_token_layout')
 
 
 @register_notrace_function
@@ -114,7 +81,9 @@ class CBSA(GridAwareAttention):
         legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
         grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid
             (see ``layout.py``).
-        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p.
+        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
+        num_trailing_tokens: tokens after the patch tokens that are not pooled (e.g. a segmentation decoder's
+            class embeddings).
         backend: 'eager' (this file's reference math), 'fused', 'sdpa', 'xformers', 'triton', 'auto' (triton on CUDA
             where it runs, else fused; see ``backends.py``), or None: decided now from timm's switches and
             ``set_backend`` (``backends.default_backend``; 'auto' unless set).
@@ -138,17 +107,14 @@ class CBSA(GridAwareAttention):
             legacy_pool: bool = False,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
+            num_trailing_tokens: int = 0,
             backend: Optional[str] = None,
             device=None,
             dtype=None,
     ):
-        super().__init__()
+        super().__init__(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
         dd = {'device': device, 'dtype': dtype}
         norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
-        self.rep_grid = to_grid(rep_grid)
-        self.legacy_pool = legacy_pool
-        self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
-        self.num_prefix_tokens = num_prefix_tokens
         self.backend = resolve_backend(backend)
 
         self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)        # Uᵀ for all heads (q = k = v), "proj" in the paper
@@ -159,10 +125,6 @@ class CBSA(GridAwareAttention):
         self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)      # over-parameterised U_k ("to_out")
         self.proj_drop = nn.Dropout(proj_drop)
-
-    @property
-    def num_representatives(self) -> int:
-        return self.rep_grid[0] * self.rep_grid[1]
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, rep_grid={self.rep_grid}, legacy_pool={self.legacy_pool}, '
@@ -176,15 +138,7 @@ class CBSA(GridAwareAttention):
 
     def representatives(self, w: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, H, N, d) projected tokens -> (B, H, m, d) initial representatives Q_ini."""
-        grid, rep_grid, legacy = self._pooling(w.shape[2], grid_size)
-        return pool_representatives(w, grid, rep_grid, legacy)
-
-    def _pooling(self, num_tokens: int, grid_size: Optional[Tuple[int, int]]
-                 ) -> Tuple[Tuple[int, int], Tuple[int, int], bool]:
-        """The checked ``pool_representatives`` arguments (patch grid, representative grid, legacy) for N tokens."""
-        grid = self.patch_grid(num_tokens, grid_size)
-        check_token_layout(num_tokens, grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
-        return grid, self.rep_grid, self.legacy_pool
+        return pool_representatives(w, self.pool_spec(w.shape[2], grid_size))
 
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
@@ -216,7 +170,7 @@ class CBSA(GridAwareAttention):
         else:
             # the fused function pools the representatives itself, block by block (see fused.py)
             y = fused_contract_and_broadcast(self.backend, w, None, self.step_rep, self.step_x, self.scale,
-                                             pool=self._pooling(N, grid_size))
+                                             pool=self.pool_spec(N, grid_size))
         y = y.transpose(1, 2).reshape(B, N, C)
         y = self.norm_out(y)
         y = self.proj(y)

@@ -55,9 +55,9 @@ from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from ._fx import register_notrace_function
 from ._heads import init_heads
 from .backends import resolve_backend
-from .cbsa import attention_weights, check_no_mask, check_token_layout
+from .cbsa import attention_weights, check_no_mask
 from .layout import GridAwareAttention
-from ..ops.contract_broadcast.pooling import pool_representatives, to_grid
+from ..ops.contract_broadcast.pooling import pool_representatives
 
 __all__ = [
     'contract', 'contract_and_broadcast_general', 'channel_rescale_eq13', 'principal_direction_attention_eq12',
@@ -347,15 +347,8 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
         _ProjectedAttention.__init__(
             self, dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
             shared_qkv=shared_qkv, device=device, dtype=dtype)
-        self.rep_grid = to_grid(rep_grid)
-        self.legacy_pool = legacy_pool
-        self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
-        self.num_prefix_tokens = num_prefix_tokens
+        self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens)
         self.backend = resolve_backend(backend)
-
-    @property
-    def num_representatives(self) -> int:
-        return self.rep_grid[0] * self.rep_grid[1]
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
@@ -363,9 +356,7 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
 
     def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, H, N, d) queries → (B, H, m, d) pooled initial representatives."""
-        grid = self.patch_grid(q.shape[2], grid_size)
-        check_token_layout(q.shape[2], grid, self.rep_grid, self.num_prefix_tokens, self.legacy_pool)
-        return pool_representatives(q, grid, self.rep_grid, self.legacy_pool)
+        return pool_representatives(q, self.pool_spec(q.shape[2], grid_size))
 
     def _use_sdpa(self, like: torch.Tensor) -> bool:
         """Any backend but 'eager' runs these layers through torch SDPA (not while attention dropout trains)."""

@@ -21,14 +21,16 @@ blocks hold grid-aware layers). It is installed lazily, when the first grid-awar
 ``bind_patch_grid(model)`` does the same explicitly and is idempotent.
 """
 import threading
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ._fx import is_fx_tracing
+from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
+from ._fx import is_fx_tracing, register_notrace_function
 
-__all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid']
+__all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
+           'check_token_layout']
 
 _CALL = threading.local()   # .grid: (H_p, W_p) of the patch embedding that ran last in this thread
 
@@ -38,24 +40,103 @@ def current_patch_grid() -> Optional[Tuple[int, int]]:
     return getattr(_CALL, 'grid', None)
 
 
-class GridAwareAttention(nn.Module):
-    """Base class of attention layers that need the patch grid (CBSA and its pooled-representative relatives).
+# input check: FX keeps it as a leaf call (it branches on sizes); torch.fx.wrap must be called in this module
+@register_notrace_function
+def check_token_layout(
+        num_tokens: int,
+        grid_size: Tuple[int, int],
+        rep_grid: Tuple[int, int],
+        num_prefix_tokens: int,
+        num_trailing_tokens: int,
+        legacy: bool,
+) -> None:
+    """Raise a clear error when the tokens cannot be laid out as prefix + H_p*W_p patches + trailing tokens, or the
+    patch grid is smaller than the representative grid (FX: kept as a leaf call)."""
+    gh, gw = grid_size[0], grid_size[1]
+    rh, rw = rep_grid[0], rep_grid[1]
+    if gh < rh or gw < rw:
+        raise ValueError(
+            'CBSA: the patch grid ' + str(gh) + 'x' + str(gw) + ' is smaller than the representative grid '
+            + str(rh) + 'x' + str(rw) + '; use a larger image or a smaller rep_grid.')
+    if num_tokens < gh * gw + num_trailing_tokens:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens but the patch grid ' + str(gh) + 'x' + str(gw)
+            + ' needs ' + str(gh * gw) + ' patch tokens (+ ' + str(num_trailing_tokens) + ' trailing).')
+    if num_prefix_tokens >= 0 and num_tokens != num_prefix_tokens + gh * gw + num_trailing_tokens:
+        raise ValueError(
+            'CBSA: got ' + str(num_tokens) + ' tokens, expected ' + str(num_prefix_tokens) + ' prefix + '
+            + str(gh) + 'x' + str(gw) + ' patch tokens + ' + str(num_trailing_tokens) + ' trailing.')
+    if legacy and (num_tokens != gh * gw + 1 or num_trailing_tokens != 0):
+        raise ValueError(
+            'CBSA: legacy_pool reproduces the released code, which needs exactly one prefix (class) token and no '
+            'trailing tokens; got ' + str(num_tokens - gh * gw - num_trailing_tokens) + ' prefix and '
+            + str(num_trailing_tokens) + ' trailing.')
 
-    Attributes (configuration, set at construction or binding; never changed by forward):
+
+torch.fx.wrap('check_token_layout')
+
+
+class GridAwareAttention(nn.Module):
+    """Base class of attention layers that pool representatives on the patch grid (CBSA and its relatives).
+
+    Token layout: N = prefix tokens + H_p*W_p patch tokens (raster order) + trailing tokens (e.g. the class
+    embeddings a segmentation decoder appends; never pooled).
+
+    Attributes (configuration, set at construction, by ``configure_cbsa`` or at binding; never changed by forward):
+        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w.
+        legacy_pool: pool like the released code (every token but the last: class token in, last patch out).
         grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
-        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p.
+        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
+        num_trailing_tokens: tokens after the patch tokens.
         follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
     """
+    rep_grid: Tuple[int, int]
+    legacy_pool: bool
     grid_size: Optional[Tuple[int, int]]
     num_prefix_tokens: int
+    num_trailing_tokens: int
     follow_patch_embed: bool
 
-    def __init__(self):
+    def __init__(
+            self,
+            rep_grid: Union[int, Tuple[int, int]] = 8,
+            legacy_pool: bool = False,
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = -1,
+            num_trailing_tokens: int = 0,
+    ):
         super().__init__()
-        self.grid_size = None
-        self.num_prefix_tokens = -1
+        self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
         self.follow_patch_embed = False
         _install_registration_hook()
+
+    def set_pooling(
+            self,
+            rep_grid: Union[int, Tuple[int, int]] = 8,
+            legacy_pool: bool = False,
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = -1,
+            num_trailing_tokens: int = 0,
+    ) -> None:
+        """Set (checked) the pooling configuration; see the class docstring."""
+        self.rep_grid = to_grid(rep_grid)
+        self.legacy_pool = bool(legacy_pool)
+        self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
+        self.num_prefix_tokens = num_prefix_tokens
+        if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
+            raise ValueError(f'num_trailing_tokens must be an int >= 0, got {num_trailing_tokens!r}.')
+        self.num_trailing_tokens = num_trailing_tokens
+
+    @property
+    def num_representatives(self) -> int:
+        return self.rep_grid[0] * self.rep_grid[1]
+
+    def pool_spec(self, num_tokens: int, grid_size: Optional[Tuple[int, int]] = None) -> PoolSpec:
+        """The checked pooling of a call with ``num_tokens`` tokens (see ``patch_grid`` for ``grid_size``)."""
+        grid = self.patch_grid(num_tokens, grid_size)
+        check_token_layout(num_tokens, grid, self.rep_grid, self.num_prefix_tokens, self.num_trailing_tokens,
+                           self.legacy_pool)
+        return PoolSpec(grid, self.rep_grid, 1 if self.legacy_pool else self.num_trailing_tokens)
 
     def patch_grid(self, num_tokens: int, grid_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         """The (H_p, W_p) grid for a call with ``num_tokens`` tokens: ``grid_size`` if given, else the grid of the
@@ -64,7 +145,7 @@ class GridAwareAttention(nn.Module):
             return grid_size
         if not torch.jit.is_scripting():
             if self.follow_patch_embed and not is_fx_tracing():
-                grid = _call_grid(num_tokens, self.num_prefix_tokens)
+                grid = _call_grid(num_tokens - self.num_trailing_tokens, self.num_prefix_tokens)
                 if grid is not None:
                     return grid
         static = self.grid_size

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .pooling import equal_windows, pool_representatives, pooled_tokens
+from .pooling import PoolSpec, equal_windows, num_representatives, pool_adjoint, pool_representatives, pooled_tokens
 
 __all__ = ['ContractBroadcast', 'block_budget_bytes', 'no_autocast', 'LSE_IMPLS']
 
@@ -178,27 +178,23 @@ def _mix_backward(dc: torch.Tensor, q: torch.Tensor, p: torch.Tensor, scale: flo
     return torch.matmul(p.transpose(-2, -1), dc) + scale * (torch.matmul(dl, q) + torch.matmul(dl.transpose(-2, -1), q))
 
 
-def _pool_adjoint_add_(dwb: torch.Tensor, drb: torch.Tensor, wb: torch.Tensor, pool: tuple) -> None:
+def _pool_adjoint_add_(dwb: torch.Tensor, drb: torch.Tensor, pool: PoolSpec) -> None:
     """dwb += poolᵀ(∂Q_ini) for one block, in place (while the block is in cache); the adjoint of
-    ``pool_representatives(wb, *pool)``."""
-    grid, (rh, rw), legacy = pool
-    target = pooled_tokens(dwb, grid, legacy)                                   # (…, H_p, W_p, d) view of ∂W
-    if equal_windows(grid, (rh, rw)):
-        kh, kw = grid[0] // rh, grid[1] // rw
+    ``pool_representatives(wb, pool)``."""
+    target = pooled_tokens(dwb, pool)                                                    # (…, H_p, W_p, d) view of ∂W
+    if equal_windows(pool):   # add into the window view: no (…, H_p, W_p, d) temporary
+        (gh, gw), (rh, rw) = pool.grid, pool.rep_grid
+        kh, kw = gh // rh, gw // rw
         g = (drb / (kh * kw)).unflatten(-2, (rh, rw)).unsqueeze(-2).unsqueeze(-4)      # (…, r_h, 1, r_w, 1, d)
         target.unflatten(-3, (rh, kh)).unflatten(-2, (rw, kw)).add_(g)
         return
-    t = pooled_tokens(wb, grid, legacy)
-    x = t.flatten(0, -4) if t.dim() > 4 else t
-    g = drb.reshape((-1, rh, rw, drb.shape[-1])).movedim(-1, -3)
-    full = torch.ops.aten._adaptive_avg_pool2d_backward(g, x.movedim(-1, -3))          # (L, d, H_p, W_p)
-    target.add_(full.movedim(-3, -1).reshape(target.shape))
+    target.add_(pool_adjoint(drb.reshape(target.shape[:-3] + drb.shape[-2:]), pool))
 
 
 class ContractBroadcast(torch.autograd.Function):
     """(w, r, η, κ) -> κ·Aᵀ C per head, (B, H, N, d) with w's memory layout; A rebuilt from the log-sum-exp.
 
-    ``pool``: None (Q_ini is the input ``r``), or ((H_p, W_p), (r_h, r_w), legacy) and ``r`` None: Q_ini is
+    ``pool``: None (Q_ini is the input ``r``), or a ``PoolSpec`` and ``r`` None: Q_ini is
     ``pool_representatives`` of W, computed block by block inside, and its gradient goes back into ∂W there (no
     N-wide pooling passes). Inside a block every tensor is 3-D, (L, …) over the block's L (batch, head) matrices."""
 
@@ -209,7 +205,7 @@ class ContractBroadcast(torch.autograd.Function):
         if ctx.empty:   # an empty batch: nothing to compute, zero gradients
             ctx.save_for_backward(w, r, step_rep, step_x)
             return _like_w(w)
-        m = r.shape[-2] if pool is None else pool[1][0] * pool[1][1]
+        m = r.shape[-2] if pool is None else num_representatives(pool)
         dt = w.dtype
         sd, eta, kap, blocks, scratch = _prepare(w, m, step_rep, step_x)
         out = None if scratch is None else _like_w(w)
@@ -223,7 +219,7 @@ class ContractBroadcast(torch.autograd.Function):
             w4, wb = _block_tokens(w, idx, scratch)                       # (b, h, N, d), (L, N, d)
             L, nb = wb.shape[0], w4.shape[0]
             if pool is not None:
-                r[idx] = pool_representatives(w4, *pool).view(r[idx].shape)
+                r[idx] = pool_representatives(w4, pool).view(r[idx].shape)
             r4 = r[idx] if batched else r[idx][None]
             rb = r4.flatten(0, 1)                                          # Q_ini (L, m, d)
             eta_b, kap_b = _per_matrix(eta, idx, batched, nb), _per_matrix(kap, idx, batched, nb)
@@ -320,6 +316,6 @@ class ContractBroadcast(torch.autograd.Function):
                 _write_tokens(dw, idx, dw_rows)
             if pool is not None:
                 dwb = dw[idx] if batched else dw[idx][None]
-                _pool_adjoint_add_(dwb, drb.view(nb, -1, m, d), w4, pool)
+                _pool_adjoint_add_(dwb, drb.view(nb, -1, m, d), pool)
         return (dw, dr, deta.view(step_rep.shape).to(step_rep.dtype), dkap.view(step_x.shape).to(step_x.dtype),
                 None, None, None)

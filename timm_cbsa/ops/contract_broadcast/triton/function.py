@@ -1,6 +1,6 @@
 """The autograd function around the Triton kernels (``kernels.py``) and the checks that decide whether they can run.
 
-    out = contract_and_broadcast_triton(w, step_rep, step_x, scale, pool=((H_p, W_p), (r_h, r_w), legacy))
+    out = contract_and_broadcast_triton(w, step_rep, step_x, scale, pool=PoolSpec((H_p, W_p), (r_h, r_w), trailing))
 
 Representative pooling runs in torch *before* the kernels (``pool_representatives``, a reshape + mean for equal
 windows, adaptive average pooling otherwise), and torch's autograd pools ∂Q_ini back into ∂W: the extraction pass
@@ -178,7 +178,7 @@ def triton_cdiv(a: int, b: int) -> int:
 def contract_and_broadcast_triton(w: torch.Tensor, step_rep: torch.Tensor, step_x: torch.Tensor, scale: float,
                                   pool: Optional[tuple] = None, r: Optional[torch.Tensor] = None) -> torch.Tensor:
     """w: (B, H, N, d) tokens -> (B, H, N, d), the result of ``CBSA.contract_and_broadcast`` computed by the Triton
-    kernels. Q_ini: ``r`` (B, H, m, d), or pooled from w in torch with ``pool = ((H_p, W_p), (r_h, r_w), legacy)``
+    kernels. Q_ini: ``r`` (B, H, m, d), or pooled from w in torch with ``pool`` (a ``PoolSpec``)
     (its gradient flows back into w through torch's autograd). Raises ValueError naming the reason when the kernels
     cannot run for these tensors (see ``triton_unsupported_reason``)."""
     if (r is None) == (pool is None):
@@ -187,7 +187,7 @@ def contract_and_broadcast_triton(w: torch.Tensor, step_rep: torch.Tensor, step_
         raise ValueError(f'contract_and_broadcast_triton: expected w (B, H, N, d) and step sizes with H values, got '
                          f'w {tuple(w.shape)}, step_rep {tuple(step_rep.shape)}, step_x {tuple(step_x.shape)}.')
     if r is None:
-        r = pool_representatives(w, *pool)
+        r = pool_representatives(w, pool)
     reason = triton_unsupported_reason(w.device, w.dtype, w.shape[-1], r.shape[-2])
     if reason is not None:
         raise ValueError(f'CBSA Triton kernels cannot run here: {reason}.')
