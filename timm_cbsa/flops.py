@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from .layers.backends import use_backend
+from .layers.config import use_backend
 from .layers.ista import ISTA
 
 __all__ = ['count_flops', 'report', 'main']

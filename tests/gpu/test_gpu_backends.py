@@ -11,8 +11,7 @@ import os
 import pytest
 import torch
 
-from timm_cbsa.layers import backends
-from timm_cbsa.ops.contract_broadcast import fused
+from timm_cbsa.ops.contract_broadcast import fused, lse
 from timm_cbsa.layers.cbsa import CBSA
 
 from backend_checks import rel_errors, run_fwd_bwd  # tests/support
@@ -22,7 +21,7 @@ DEVICE = 'cuda' if CUDA else 'cpu'
 HAS_XFORMERS = importlib.util.find_spec('xformers') is not None
 pytestmark = pytest.mark.gpu
 
-# kernel -> (backend that runs it, LSE implementation the probe cache is forced to; None: the explicit fused math)
+# kernel -> (backend that runs it, LSE implementation the dispatcher is forced to; None: the explicit fused math)
 KERNELS = {
     'fused': ('fused', None),
     'cpu_flash': ('sdpa', 'cpu_flash'),
@@ -48,16 +47,15 @@ def _skip_reason(kernel: str, mode: str):
 
 
 def _force(monkeypatch, kernel: str, dtype: torch.dtype, d: int):
-    """Pin the probe cache to ``kernel`` for (device, dtype, d), make any fallback an error, and count the kernel's
-    calls (a parity test whose kernel never ran must fail, not pass)."""
+    """Pin the extraction kernel to ``kernel``, make any fallback an error, and count the kernel's calls (a parity
+    test whose kernel never ran must fail, not pass)."""
     backend, impl = KERNELS[kernel]
-    monkeypatch.setattr(backends, '_STRICT', True)
+    monkeypatch.setenv('TIMM_CBSA_STRICT_BACKEND', '1')
     calls = []
     if impl is not None:
-        kind = 'xformers' if backend == 'xformers' else 'sdpa'
-        monkeypatch.setitem(backends._PROBES, (kind, DEVICE, dtype, d), impl)
-        real = fused.LSE_IMPLS[impl]
-        monkeypatch.setitem(fused.LSE_IMPLS, impl, lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(lse, 'choose', lambda *a, **k: impl)
+        real = lse.LSE_FUNCTIONS[impl]
+        monkeypatch.setitem(lse.LSE_FUNCTIONS, impl, lambda *a, **k: calls.append(1) or real(*a, **k))
     else:
         real_apply = fused.ContractBroadcast.apply
         monkeypatch.setattr(fused.ContractBroadcast, 'apply',   # records the LSE implementation argument
@@ -192,11 +190,18 @@ def test_ddp_training_step(tmp_path):
 
 
 @pytest.mark.skipif(not CUDA, reason='needs a CUDA device')
-def test_sdpa_probe_picks_a_cuda_kernel():
+def test_sdpa_static_choice_runs_on_cuda():
+    """The statically chosen SDPA kernel for each dtype runs and matches the explicit log-sum-exp math."""
+    q = torch.randn(2, 3, 16, 64, device='cuda')
+    k = torch.randn(2, 3, 200, 64, device='cuda')
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        backends._PROBES.pop(('sdpa', 'cuda', dt, 64), None)
-        assert backends._probe('sdpa', torch.device('cuda'), dt, 64) in ('cuda_flash', 'cuda_efficient'), \
-            backends._REASONS.get(('sdpa', 'cuda', dt, 64))
+        name = lse.choose('sdpa', 64, dt, torch.device('cuda'))
+        assert name == ('cuda_efficient' if dt == torch.float32 else 'cuda_flash')
+        out, s = lse.LSE_FUNCTIONS[name](q.to(dt), k.to(dt), k.to(dt), 0.125)
+        ref_s = torch.logsumexp((q @ k.transpose(-2, -1)).double() * 0.125, dim=-1)
+        ref = torch.softmax((q @ k.transpose(-2, -1)).double() * 0.125, dim=-1) @ k.double()
+        tol = 1e-4 if dt == torch.float32 else 3e-2
+        assert torch.allclose(s.double(), ref_s, atol=tol, rtol=tol) and torch.allclose(out.double(), ref, atol=4 * tol)
 
 
 @pytest.mark.skipif(not CUDA, reason='needs a CUDA device')

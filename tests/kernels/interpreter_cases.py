@@ -89,7 +89,7 @@ def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
 
 
 def run_layer_case():
-    """A CBSA layer with backend='triton' (the backends.py hookup, probe included) against backend='eager': forward,
+    """A CBSA layer with backend='triton' (the dispatcher's hookup) against backend='eager': forward,
     input and parameter gradients, and whether the kernels really ran (no fallback)."""
     import logging
     from backend_checks import rel_errors, run_fwd_bwd   # tests/support
@@ -98,7 +98,7 @@ def run_layer_case():
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger('timm_cbsa.layers.backends').addHandler(handler)
+    logging.getLogger('timm_cbsa.ops.contract_broadcast').addHandler(handler)
     calls = []
     apply = function.TritonContractBroadcast.apply
     function.TritonContractBroadcast.apply = lambda *a: calls.append(1) or apply(*a)
@@ -108,7 +108,6 @@ def run_layer_case():
         layer.step_rep.copy_(torch.tensor([0.7, -1.2]).view(2, 1, 1))
         layer.step_x.copy_(torch.tensor([-0.5, 1.1]).view(2, 1, 1))
     x = torch.randn(2, 31, 64)
-    function._PROBES.clear()
     layer.backend = 'triton'
     with torch.inference_mode():            # first use (and probe) from an inference forward
         infer = layer(x)

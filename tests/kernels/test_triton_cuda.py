@@ -92,7 +92,7 @@ def test_layer_backend_runs_triton_and_matches_eager(monkeypatch, caplog, backen
     dt = DTYPES[dtype]
     ref64 = run_fwd_bwd(layer.double(), x.double(), 'eager')
     layer, x = layer.to(dt), x.to(dt)
-    with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):
+    with caplog.at_level(logging.WARNING, logger='timm_cbsa.ops.contract_broadcast'):
         got = run_fwd_bwd(layer, x, backend)
     assert calls, f'backend={backend!r} fell back instead of running the Triton kernels: ' + \
         '; '.join(r.getMessage() for r in caplog.records)

@@ -11,9 +11,9 @@ import timm
 import torch
 
 import timm_cbsa
-from timm_cbsa.layers import backends
-from timm_cbsa.ops.contract_broadcast import fused
-from timm_cbsa.layers.backends import BACKENDS, fused_contract_and_broadcast, get_backend, set_backend, use_backend
+from timm_cbsa.layers.config import BACKENDS, get_backend, set_backend, use_backend
+from timm_cbsa.ops import contract_broadcast as ops
+from timm_cbsa.ops.contract_broadcast import contract_and_broadcast, fused, lse
 from timm_cbsa.ops.contract_broadcast.fused import ContractBroadcast
 from timm_cbsa.layers.cbsa import CBSA
 
@@ -172,7 +172,7 @@ def test_output_layout_makes_merge_free(monkeypatch):
     B, H, N, d, m = 2, 3, 20, 8, 4
     w = torch.randn(B, N, H, d).transpose(1, 2)
     r = torch.randn(B, H, m, d)
-    out = fused_contract_and_broadcast('fused', w, r, torch.ones(H, 1, 1), torch.ones(H, 1, 1), d ** -0.5)
+    out = contract_and_broadcast(w, torch.ones(H, 1, 1), torch.ones(H, 1, 1), d ** -0.5, r=r, impl='fused')
     assert out.transpose(1, 2).is_contiguous()
 
 
@@ -203,7 +203,7 @@ def test_backend_is_decided_at_construction_shown_in_repr_and_changeable_per_mod
 
 
 def _no_fused_calls(monkeypatch):
-    monkeypatch.setattr('timm_cbsa.layers.cbsa.fused_contract_and_broadcast',
+    monkeypatch.setattr('timm_cbsa.layers.cbsa.contract_and_broadcast',
                         lambda *a, **k: pytest.fail('a fused backend ran where eager was selected'))
     monkeypatch.setattr('timm_cbsa.layers.family.F.scaled_dot_product_attention',
                         lambda *a, **k: pytest.fail('SDPA ran where eager was selected'))
@@ -229,22 +229,12 @@ def test_timm_switches_select_the_eager_path(switch, monkeypatch):
 
 
 def test_environment_variables():
-    code = ('import timm_cbsa.layers.backends as b, timm_cbsa; '
+    code = ('import timm_cbsa.layers.config as b, timm_cbsa; '
             'print(b.get_backend(), timm_cbsa.CBSA(8, 2).backend)')
     for env, want in (({'TIMM_CBSA_BACKEND': 'sdpa'}, 'sdpa sdpa'), ({'TIMM_FUSED_ATTN': '0'}, 'auto eager')):
         out = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env), capture_output=True,
                              text=True, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == want, out.stderr
-
-
-def test_probe_cache_is_keyed_by_exact_head_dim(monkeypatch):
-    """A kernel probed at d=40 is not handed to d=36."""
-    monkeypatch.setattr(backends, '_PROBES', {})
-    probed = []
-    monkeypatch.setattr(backends, '_try_impl', lambda name, dev, dt, d: probed.append(d) or (None if d == 40 else 'no'))
-    assert backends._probe('sdpa', torch.device('cpu'), torch.float32, 40) == 'cpu_flash'
-    assert backends._probe('sdpa', torch.device('cpu'), torch.float32, 36) is None
-    assert probed == [40, 36]
 
 
 def test_kernel_failing_at_run_time_falls_back_once_with_a_reason(monkeypatch, caplog):
@@ -254,15 +244,17 @@ def test_kernel_failing_at_run_time_falls_back_once_with_a_reason(monkeypatch, c
     def broken(*a, **k):
         raise RuntimeError('kernel exploded')
 
-    monkeypatch.setitem(fused.LSE_IMPLS, 'cpu_flash', broken)
-    monkeypatch.setattr(backends, '_WARNED', set())
-    with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):
+    monkeypatch.setitem(lse.LSE_FUNCTIONS, 'cpu_flash', broken)
+    monkeypatch.setattr(ops, '_WARNED', set())
+    monkeypatch.setattr(ops, '_FAILED', {})
+    with caplog.at_level(logging.WARNING, logger='timm_cbsa.ops.contract_broadcast'):
         got = run_fwd_bwd(layer, x, 'sdpa')
         run_fwd_bwd(layer, x, 'sdpa')
     msgs = [r.getMessage() for r in caplog.records]
-    assert len(msgs) == 1 and 'kernel exploded' in msgs[0] and "falling back to 'fused'" in msgs[0], msgs
+    assert len(msgs) == 1 and 'kernel exploded' in msgs[0] and "using 'fused'" in msgs[0], msgs
     assert max(rel_errors(got, ref)) == 0
-    monkeypatch.setattr(backends, '_STRICT', True)
+    monkeypatch.setattr(ops, '_FAILED', {})
+    monkeypatch.setenv('TIMM_CBSA_STRICT_BACKEND', '1')
     with pytest.raises(RuntimeError, match='kernel exploded'):
         run_fwd_bwd(layer, x, 'sdpa')
 
@@ -305,7 +297,7 @@ def test_empty_batch_forward_and_backward(backend):
 
 def test_attention_dropout_forces_eager(monkeypatch):
     calls = []
-    monkeypatch.setattr('timm_cbsa.layers.cbsa.fused_contract_and_broadcast',
+    monkeypatch.setattr('timm_cbsa.layers.cbsa.contract_and_broadcast',
                         lambda *a, **k: calls.append(1) or pytest.fail('fused path used with attn_drop'))
     layer = CBSA(32, 2, grid_size=(4, 4), rep_grid=2, attn_drop=0.1, backend='fused').train()
     layer(torch.randn(2, 17, 32))
@@ -313,19 +305,20 @@ def test_attention_dropout_forces_eager(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU fallback of the xformers backend')
-def test_xformers_falls_back_on_cpu_with_one_logged_reason(caplog, monkeypatch):
-    backends._PROBES.clear()
-    monkeypatch.setattr(backends, '_WARNED', set())   # other tests may have logged this fallback already
-    layer = CBSA(32, 2, grid_size=(4, 4), rep_grid=2)
-    x = torch.randn(2, 17, 32)
-    with caplog.at_level(logging.WARNING, logger='timm_cbsa.layers.backends'):
-        ref = run_fwd_bwd(layer, x, 'sdpa')
-        got = run_fwd_bwd(layer, x, 'xformers')
-        run_fwd_bwd(layer, x, 'xformers')
+def test_xformers_falls_back_on_cpu_at_construction_with_one_logged_reason(caplog, monkeypatch):
+    """Decided when the layer is built (and shown in its repr), logged once, the sdpa numbers."""
+    monkeypatch.setattr(ops, '_WARNED', set())
+    with caplog.at_level(logging.WARNING, logger='timm_cbsa.ops.contract_broadcast'):
+        layers = [CBSA(32, 2, grid_size=(4, 4), rep_grid=2, backend='xformers') for _ in range(2)]
     msgs = [r.getMessage() for r in caplog.records if 'xformers' in r.getMessage()]
-    assert len(msgs) == 1 and "falling back to 'sdpa'" in msgs[0], msgs
-    assert max(rel_errors(got, ref)) == 0
-    assert backends.xformers_status('cpu', torch.float32, 16) is None
+    assert len(msgs) == 1 and "using 'sdpa'" in msgs[0] and 'CUDA' in msgs[0], msgs
+    assert layers[0].impl == 'sdpa' and "impl='sdpa' (xformers:" in repr(layers[0])
+    x = torch.randn(2, 17, 32)
+    ref = run_fwd_bwd(layers[0], x, 'sdpa')
+    assert max(rel_errors(run_fwd_bwd(layers[0], x, 'xformers'), ref)) == 0
+    monkeypatch.setenv('TIMM_CBSA_STRICT_BACKEND', '1')
+    with pytest.raises(RuntimeError, match='cannot run here'):
+        run_fwd_bwd(layers[0], x, 'xformers')
 
 
 def _tiny(backend, scriptable=False):
@@ -343,7 +336,7 @@ def test_fx_symbolic_trace(backend):
     gm = torch.fx.symbolic_trace(model)
     targets = [getattr(n.target, '__name__', str(n.target)) for n in gm.graph.nodes if n.op == 'call_function']
     if backend != 'eager':
-        assert '_cb_apply' in targets, 'the fused call must stay one FX leaf'
+        assert '_dispatch' in targets, 'the operator call must stay one FX leaf'
     torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
 
 

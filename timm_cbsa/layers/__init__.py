@@ -1,4 +1,4 @@
-from .backends import BACKENDS, default_backend, get_backend, register_backend, set_backend, use_backend
+from .config import BACKENDS, default_backend, get_backend, set_backend, use_backend
 from .cbsa import CBSA
 from .ista import ISTA
 from .layout import GridAwareAttention, PatchGridHook, bind_patch_grid, current_patch_grid, find_grid_aware_layers

@@ -10,49 +10,27 @@ Read next to the paper's eq. (8) / Algorithm 1. Per head k, with W = U_kᵀZ the
                                                        (no renormalisation over representatives)
     y      = to_out( concat_k out_k )                  independent output projection with bias
 
-(A here is the paper's A_kᵀ: shape m × N, each row a distribution over tokens.) s = d_head^-0.5. Softmax
-statistics are computed in float32 for half-precision inputs. Cost: O(N·m·d) per head, linear in N for fixed m.
+(A here is the paper's A_kᵀ: shape m × N, each row a distribution over tokens.) s = d_head^-0.5. This module
+projects, pools and merges heads; the middle four lines are the operator ``timm_cbsa.ops.contract_broadcast``
+(``naive.py`` is the reference the eager path runs). Cost: O(N·m·d) per head, linear in N for fixed m.
 """
 from typing import Optional, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.jit import Final
 
-from .backends import fused_contract_and_broadcast, resolve_backend
-from ._fx import register_notrace_function
-from ._heads import init_heads
-from .layout import GridAwareAttention, check_token_layout  # noqa: F401  (check_token_layout: re-exported)
+from ..ops.contract_broadcast import contract_and_broadcast, select, warn_once
+from ..ops.contract_broadcast.naive import attention_weights, extraction, similarity, update_contract_broadcast
 from ..ops.contract_broadcast.pooling import pool_representatives
+from ..ops.tracing import fx_leaf, is_exporting
+from ._heads import init_heads
+from .config import resolve_backend
+from .layout import GridAwareAttention
 
-__all__ = ['CBSA', 'attention_weights', 'similarity']
-
-
-@register_notrace_function
-def similarity(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """(q·s) kᵀ as softmax-ready logits: half-precision inputs give float32 logits (fp16 products can overflow
-    65504, so they are computed in float32; bf16 products are upcast). FX: a leaf call (it branches on dtype)."""
-    if q.dtype == torch.float16:
-        q, k = q.float(), k.float()
-    logits = (q * scale) @ k.transpose(-2, -1)
-    return logits.float() if logits.dtype == torch.bfloat16 else logits
+__all__ = ['CBSA', 'attention_weights', 'similarity', 'check_no_mask']
 
 
-torch.fx.wrap('similarity')
-
-
-@register_notrace_function
-def attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax over the last dim of (q·s) kᵀ, in q's dtype; half-precision logits and statistics are float32
-    (see ``similarity``). FX: a leaf call."""
-    return similarity(q, k, scale).softmax(dim=-1).to(q.dtype)
-
-
-torch.fx.wrap('attention_weights')
-
-
-@register_notrace_function
+@fx_leaf
 def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     """CBSA pools every patch token and broadcasts to every token, so it cannot honour a mask."""
     if attn_mask is not None or is_causal:
@@ -84,13 +62,13 @@ class CBSA(GridAwareAttention):
         num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
         num_trailing_tokens: tokens after the patch tokens that are not pooled (e.g. a segmentation decoder's
             class embeddings).
-        backend: 'eager' (this file's reference math), 'fused', 'sdpa', 'xformers', 'triton', 'auto' (triton on CUDA
-            where it runs, else fused; see ``backends.py``), or None: decided now from timm's switches and
-            ``set_backend`` (``backends.default_backend``; 'auto' unless set).
+        backend: the implementation of the operator: 'eager' (the reference), 'fused', 'sdpa', 'xformers',
+            'triton', or 'auto' ('triton' on CUDA where it runs, else 'fused'); None: the default of ``config.py``
+            ('auto' unless set). ``impl`` (in the repr) is what runs: chosen now and whenever the layer moves to
+            another device, from static checks (``ops.contract_broadcast.select``).
 
-    Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens (patches last).
+    Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens + trailing tokens.
     """
-    legacy_pool: Final[bool]
 
     def __init__(
             self,
@@ -115,7 +93,6 @@ class CBSA(GridAwareAttention):
         super().__init__(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
         dd = {'device': device, 'dtype': dtype}
         norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
-        self.backend = resolve_backend(backend)
 
         self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)        # Uᵀ for all heads (q = k = v), "proj" in the paper
         self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
@@ -125,10 +102,21 @@ class CBSA(GridAwareAttention):
         self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)      # over-parameterised U_k ("to_out")
         self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = resolve_backend(backend)                    # selects self.impl
+
+    def select_impl(self) -> None:
+        """Choose the operator's implementation for this layer's device, head width and m (static checks)."""
+        device = self.qkv.weight.device
+        self.impl, why = select(self.backend, self.head_dim, self.num_representatives, device)
+        self.impl_note = '; '.join(why)
+        if why:
+            warn_once(('select', self.backend, device.type, self.impl_note),
+                      'CBSA: backend %r cannot run here (%s); using %r.', self.backend, self.impl_note, self.impl)
 
     def extra_repr(self) -> str:
+        note = f' ({self.impl_note})' if self.impl_note else ''
         return (f'num_heads={self.num_heads}, rep_grid={self.rep_grid}, legacy_pool={self.legacy_pool}, '
-                f'grid_size={self.grid_size}, backend={self.backend!r}')
+                f'grid_size={self.grid_size}, backend={self.backend!r}, impl={self.impl!r}{note}')
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens -> (B, H, N, d) projected tokens W = U_kᵀ Z (after qk_norm)."""
@@ -141,17 +129,10 @@ class CBSA(GridAwareAttention):
         return pool_representatives(w, self.pool_spec(w.shape[2], grid_size))
 
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        """The reference (eager) path. w: (B, H, N, d) tokens, r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
-        # 1. extraction: each representative attends over all N tokens
-        # attention_weights written out, so the softmax is a traced node that timm's AttentionExtract finds by its
-        # default name '*attn.softmax'
-        attn = similarity(r, w, self.scale).softmax(dim=-1).to(w.dtype)   # (B, H, m, N), rows sum to 1 over tokens
-        attn = self.attn_drop(attn)
-        r = r + self.step_rep * (attn @ w)                        # Q = Q_ini + η·A W          (B, H, m, d)
-        # 2. contraction: self-attention among the representatives
-        c = attention_weights(r, r, self.scale) @ r           # (B, H, m, d)
-        # 3. broadcast through the same extraction matrix, scaled by the step size κ
-        return self.step_x * (attn.transpose(-2, -1) @ c)         # (B, H, N, d)
+        """The reference (eager) path, ``naive.py`` with attention dropout on A. w: (B, H, N, d) tokens,
+        r: (B, H, m, d) Q_ini -> (B, H, N, d)."""
+        attn = self.attn_drop(extraction(r, w, self.scale))               # A (B, H, m, N); timm's hook point
+        return update_contract_broadcast(attn, w, r, self.step_rep, self.step_x, self.scale)
 
     def forward(
             self,
@@ -165,12 +146,14 @@ class CBSA(GridAwareAttention):
         w = self.project(x)                                       # (B, H, N, d)
         if torch.jit.is_scripting():
             y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
-        elif self.backend == 'eager' or (self.training and self.attn_drop.p > 0):   # only eager has attn dropout
+        elif self.impl == 'eager' or (self.training and self.attn_drop.p > 0) or is_exporting():
+            # the reference: the only path with attention dropout, and plain ops for every exporter
             y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
         else:
-            # the fused function pools the representatives itself, block by block (see fused.py)
-            y = fused_contract_and_broadcast(self.backend, w, None, self.step_rep, self.step_x, self.scale,
-                                             pool=self.pool_spec(N, grid_size))
+            # the operator pools the representatives itself (block by block / inside the kernels)
+            self.check_strict()
+            y = contract_and_broadcast(w, self.step_rep, self.step_x, self.scale,
+                                       pool=self.pool_spec(N, grid_size), impl=self.impl)
         y = y.transpose(1, 2).reshape(B, N, C)
         y = self.norm_out(y)
         y = self.proj(y)

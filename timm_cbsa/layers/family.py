@@ -54,8 +54,9 @@ from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
 from ._fx import register_notrace_function
 from ._heads import init_heads
-from .backends import resolve_backend
-from .cbsa import attention_weights, check_no_mask
+from .config import resolve_backend
+from ..ops.contract_broadcast.naive import attention_weights, extraction
+from .cbsa import check_no_mask
 from .layout import GridAwareAttention
 from ..ops.contract_broadcast.pooling import pool_representatives
 
@@ -137,11 +138,6 @@ def channel_rescale_eq13(w: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Eq. (13): D_k U_kᵀZ with D_k = Diag[f(‖u_kiᵀZ‖²)], f(λ) = ε² / (ε² + λ); w: (..., N, p) → (..., N, p)."""
     energy = (w * w).sum(dim=-2, keepdim=True)                     # (..., 1, p): second moment of each channel
     return w * (eps ** 2 / (eps ** 2 + energy))
-
-
-def extraction(r: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax over the N tokens of r kᵀ s: (..., m, N), row j is representative j's distribution (= A_kᵀ)."""
-    return attention_weights(r, k, scale)
 
 
 def agent_broadcast(q: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Tensor:
@@ -352,7 +348,7 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
 
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
-                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}')
+                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}, impl={self.impl!r}')
 
     def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """(B, H, N, d) queries → (B, H, m, d) pooled initial representatives."""
@@ -362,7 +358,7 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
         """Any backend but 'eager' runs these layers through torch SDPA (not while attention dropout trains)."""
         if torch.jit.is_scripting():
             return False
-        return self.backend != 'eager' and not (self.training and self.attn_drop.p > 0)
+        return self.impl != 'eager' and not (self.training and self.attn_drop.p > 0)
 
 
 class AgentAttention(_RepresentativeAttention):

@@ -26,6 +26,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..ops.contract_broadcast import check_request, strict
 from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
 from ._fx import is_fx_tracing, register_notrace_function
 
@@ -89,7 +90,12 @@ class GridAwareAttention(nn.Module):
         num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
         num_trailing_tokens: tokens after the patch tokens.
         follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
+        backend: the requested implementation ('auto' or a name; assigning it re-selects ``impl``).
+        impl: the implementation that runs, chosen by ``select_impl`` from static facts when ``backend`` is set and
+            whenever the layer moves to another device (``.to()``, ``.cuda()``); ``impl_note``: why it differs from
+            the request ('' when it does not).
     """
+    __jit_unused_properties__ = ['backend']
     rep_grid: Tuple[int, int]
     legacy_pool: bool
     grid_size: Optional[Tuple[int, int]]
@@ -131,6 +137,32 @@ class GridAwareAttention(nn.Module):
     def num_representatives(self) -> int:
         return self.rep_grid[0] * self.rep_grid[1]
 
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_request(name)
+        self.select_impl()
+
+    def select_impl(self) -> None:
+        """Layers without the operator (the family's pooled layers) run torch SDPA unless 'eager' is asked for."""
+        self.impl = 'eager' if self._backend == 'eager' else 'sdpa'
+        self.impl_note = ''
+
+    def check_strict(self) -> None:
+        """With TIMM_CBSA_STRICT_BACKEND=1, running another implementation than the requested one is an error."""
+        if self.impl_note and strict():
+            raise RuntimeError(f'{type(self).__name__}: backend {self.backend!r} cannot run here '
+                               f'(TIMM_CBSA_STRICT_BACKEND is set): {self.impl_note}')
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if '_backend' in self.__dict__:   # moved (device / dtype): choose again for where the weights now are
+            self.select_impl()
+        return module
+
     def pool_spec(self, num_tokens: int, grid_size: Optional[Tuple[int, int]] = None) -> PoolSpec:
         """The checked pooling of a call with ``num_tokens`` tokens (see ``patch_grid`` for ``grid_size``)."""
         grid = self.patch_grid(num_tokens, grid_size)
@@ -151,7 +183,7 @@ class GridAwareAttention(nn.Module):
         static = self.grid_size
         if static is None:
             raise ValueError(
-                f'{type(self).__name__} does not know the patch grid: use it inside a timm ViT (the model binds it), '
+                'This CBSA-family layer does not know the patch grid: use it inside a timm ViT (the model binds it), '
                 'call timm_cbsa.bind_patch_grid(model), or pass grid_size=(H_p, W_p) to forward().')
         return static
 

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 
-from ..layers.backends import resolve_backend
+from ..layers.config import resolve_backend
 from ..layers.layout import bind_patch_grid, find_grid_aware_layers
 from ..ops.contract_broadcast.pooling import to_grid
 
@@ -83,8 +83,7 @@ def configure_cbsa(
                 layer.rep_grid = rg
             if legacy_pool is not None:
                 layer.legacy_pool = legacy_pool
-            if backend is not None:
-                layer.backend = backend
+            layer.backend = layer.backend if backend is None else backend   # (re)selects the implementation for m
     if plan and _is_ours(model):
         model._model_args = dict(getattr(model, '_model_args', {}) or {}, **cbsa_config(model))
     return model

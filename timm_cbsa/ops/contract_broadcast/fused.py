@@ -1,5 +1,6 @@
-"""The fused contract-and-broadcast: one autograd function for CBSA's extraction, contraction and broadcast. Chosen
-by ``backends.py``; it computes what ``CBSA.contract_and_broadcast`` (the reference) computes, to ~1e-7 in float32,
+"""The fused contract-and-broadcast: one autograd function for CBSA's extraction, contraction and broadcast (the
+``'fused'``, ``'sdpa'`` and ``'xformers'`` implementations; the last two hand the extraction to ``lse.py``'s kernels).
+It computes what ``naive.py`` (the reference) computes, to ~1e-7 in float32,
 but keeps for backward only W, Q_ini, the per-representative log-sum-exp and m×d / m×m tensors, and rebuilds
 A = exp(s·Q_ini Wᵀ − lse) blockwise: the m×N probabilities are never stored.
 
@@ -18,7 +19,8 @@ Inside a block every product is a 3-D bmm over the block's (batch, head) matrice
 live in scratch buffers allocated once per call, and the N×d results are written straight into the strided output
 and ∂W. On GPU and under torch.compile: one batched block. CBSA passes ``pool`` so that the representatives Q_ini are
 pooled from each block of W while it is in cache and ∂Q_ini is pooled back into the same block of ∂W (a reshape and a
-mean when the windows are equal, adaptive pooling otherwise): no N-wide pooling pass, no separate gradient sum.
+mean when the windows are equal, two small averaging matrices otherwise): no N-wide pooling pass, no separate gradient
+sum. ``lse_impl``: 'fused' (the explicit softmax, always runs) or an ``lse.LSE_FUNCTIONS`` name.
 """
 import contextlib
 import os
@@ -26,19 +28,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .lse import LSE_FUNCTIONS
 from .pooling import PoolSpec, equal_windows, num_representatives, pool_adjoint, pool_representatives, pooled_tokens
 
-__all__ = ['ContractBroadcast', 'block_budget_bytes', 'no_autocast', 'LSE_IMPLS']
+__all__ = ['ContractBroadcast', 'no_autocast']
 
 # size of one block's m×N logits on CPU: small enough to stay in cache while it is reused
 _BLOCK_BYTES = int(os.environ.get('TIMM_CBSA_BLOCK_BYTES', str(4 << 20)))
-
-# extraction kernels returning (A W, log-sum-exp), filled in by backends.py: name -> fn(q, k, v, scale)
-LSE_IMPLS = {}
-
-
-def block_budget_bytes() -> int:
-    return _BLOCK_BYTES
 
 
 def no_autocast(device_type: str):
@@ -234,7 +230,7 @@ class ContractBroadcast(torch.autograd.Function):
                 e_dt = e if dt == sd else e.to(dt)
                 zb = torch.bmm(e_dt, wb).to(sd) * inv                     # A W, normalisation folded into m×d
             else:
-                zb4, lse4 = LSE_IMPLS[lse_impl](r4, w4, w4, scale)        # SDPA / xformers: A W and log-sum-exp
+                zb4, lse4 = LSE_FUNCTIONS[lse_impl](r4, w4, w4, scale)        # SDPA / xformers: A W and log-sum-exp
                 zb, lse_b = zb4.flatten(0, 1).to(sd), lse4.flatten(0, 1).unsqueeze(-1)
                 e = _logits(rb * scale, wb, buf).sub_(lse_b).exp_()       # A itself (normalised)
                 e_dt = e if dt == sd else e.to(dt)

@@ -25,6 +25,8 @@ from typing import List, NamedTuple, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..tracing import is_exporting
+
 __all__ = ['PoolSpec', 'equal_windows', 'num_representatives', 'pool_adjoint', 'pool_representatives', 'pooled_tokens',
            'to_grid', 'window_matrix']
 
@@ -97,7 +99,7 @@ def pool_representatives(w: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     t = pooled_tokens(w, spec)                                             # (…, H_p, W_p, d), a view
     if equal_windows(spec):                                                # a reshape and a mean
         return t.unflatten(-3, (rh, gh // rh)).unflatten(-2, (rw, gw // rw)).mean(dim=(-4, -2)).flatten(-3, -2)
-    if not torch.jit.is_scripting() and _exporting():                      # rows, then columns, as matrices
+    if not torch.jit.is_scripting() and is_exporting():                      # rows, then columns, as matrices
         ph, pw = _matrices(spec, w)                                        # (r_h, H_p), (r_w, W_p)
         rows = torch.matmul(ph, t.flatten(-2)).unflatten(-1, (gw, w.shape[-1]))       # (…, r_h, W_p, d)
         return torch.matmul(pw, rows).flatten(-3, -2)                      # (…, m, d)
@@ -111,11 +113,6 @@ def pool_representatives(w: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     x = t.movedim(-1, -3)                                                  # (…, d, H_p, W_p)
     return F.adaptive_avg_pool2d(x, (rh, rw)).flatten(-2).transpose(-2, -1)
 
-
-@torch.jit.unused
-def _exporting() -> bool:
-    """True while torch.onnx.export (TorchScript-based) or torch.export traces the model."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def pool_adjoint(g: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
