@@ -37,15 +37,17 @@ def resolve_entry(entry: str) -> Callable[[List[str]], Any]:
 
 
 def training_argv(train_argv: Sequence[str], output_dir: str, job_id: str) -> List[str]:
-    """The trainer's argv in job ``job_id``: ``%j`` expanded, and, decided on the trainer's own parse of it
-    (``--config`` files included), ``--output output_dir`` unless an output folder is set, ``--resume auto`` unless
-    a resume is set, and ``--resume auto`` over a ``--resume PATH`` once the run folder holds a checkpoint (the
-    PATH only starts the first run). The added flags come last, so they win (argparse keeps the last value)."""
+    """The trainer's argv in job ``job_id``: ``%j`` expanded; ``--output output_dir`` unless the command line names an
+    output folder (the recipes' ``--config`` files set one, which the job folder replaces, so that every job has its
+    own); ``--resume auto`` unless a resume is set, and over a ``--resume PATH`` once the run folder holds a checkpoint
+    (the PATH only starts the first run). Decided on the trainer's own parse of the flags; the added flags come last,
+    so they win (argparse keeps the last value)."""
     argv = [tok.replace("%j", job_id) for tok in train_argv]
-    args = train_args.parse_args(argv)
-    if args.output == train_args.build_parser().get_default("output"):
+    command_line = train_args.build_parser()
+    command_line.set_defaults(output=None)  # no --config defaults: what the command line itself says
+    if command_line.parse_args(argv).output is None:
         argv += ["--output", output_dir]
-        args.output = output_dir
+    args = train_args.parse_args(argv)
     if args.resume != "auto" and (not args.resume or find_resume_checkpoint(os.path.join(args.output,
                                                                                          args.experiment))):
         argv += ["--resume", "auto"]

@@ -170,11 +170,14 @@ def test_training_argv_resumes_auto_once_the_run_folder_has_a_checkpoint(tmp_pat
                                   job, "123")
     parsed = train_args.parse_args(out)
     assert (parsed.resume, parsed.output) == ("auto", str(tmp_path / "o"))
-    # an output folder set in a --config file is the user's choice too (it is not replaced by the job folder)
+    # the recipes' --config files name an output folder: the job folder replaces it (one folder per job), while an
+    # --output on the command line (abbreviated, as the trainer's parser allows) stays
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"output: {tmp_path / 'from_config'}\n")
+    cfg.write_text(f"output: {tmp_path / 'from_config'}\nepochs: 2\n")
     parsed = train_args.parse_args(slurm_job.training_argv(["--config", str(cfg)], job, "123"))
-    assert (parsed.output, parsed.resume) == (str(tmp_path / "from_config"), "auto")
+    assert (parsed.output, parsed.epochs, parsed.resume) == (job, 2, "auto")
+    out = slurm_job.training_argv(["--config", str(cfg), "--out", str(tmp_path / "mine")], job, "123")
+    assert train_args.parse_args(out).output == str(tmp_path / "mine")
 
 
 STANDIN = '''
