@@ -48,8 +48,8 @@ def training_argv(train_argv: Sequence[str], output_dir: str, job_id: str) -> Li
     if command_line.parse_args(argv).output is None:
         argv += ["--output", output_dir]
     args = train_args.parse_args(argv)
-    if args.resume != "auto" and (not args.resume or find_resume_checkpoint(os.path.join(args.output,
-                                                                                         args.experiment))):
+    run_dir = os.path.join(args.output, args.experiment)
+    if not args.resume or (args.resume != "auto" and find_resume_checkpoint(run_dir)):
         argv += ["--resume", "auto"]
     return argv
 
@@ -70,8 +70,8 @@ class Trainer(submitit.helpers.Checkpointable):
         return dict(self.__dict__, _signalled=False)  # a requeued run starts unsignalled
 
     def __call__(self) -> Any:
-        dist_env = self._export_distributed_env()
         job_id = submitit.JobEnvironment().job_id
+        dist_env = self._export_distributed_env(job_id)
         self._watch_requeue_signal()
         try:
             return self._run(self.output_template.replace("%j", job_id), job_id)
@@ -86,14 +86,14 @@ class Trainer(submitit.helpers.Checkpointable):
                 raise SystemExit(1) from None
             raise
 
-    def _export_distributed_env(self) -> submitit.helpers.TorchDistributedEnvironment:
+    def _export_distributed_env(self, job_id: str) -> submitit.helpers.TorchDistributedEnvironment:
         """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the first node), MASTER_PORT (``--master-port``,
         else the submitter's MASTER_PORT, else one derived from the job id: the same after a requeue). Every task
         keeps all GPUs of its node visible and uses ``cuda:LOCAL_RANK``."""
         if self.master_port:
             os.environ["MASTER_PORT"] = str(self.master_port)
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        print(f"[slurm.launch] job {submitit.JobEnvironment().job_id} restart "
+        print(f"[slurm.launch] job {job_id} restart "
               f"{os.environ.get('SLURM_RESTART_COUNT', '0')} rank {env.rank}/{env.world_size} local_rank "
               f"{env.local_rank} master {env.master_addr}:{env.master_port} host {socket.gethostname()} node "
               f"{os.environ.get('SLURMD_NODENAME', '-')}", flush=True)
