@@ -273,8 +273,8 @@ register_backend('xformers', _kernel_apply('xformers'), _kernel_check('xformers'
 def _triton_supported(w: torch.Tensor, m: int) -> Optional[str]:
     if torch.compiler.is_compiling():
         return 'not probed inside a compiled region (the fused backend runs there)'
-    from ..ops.contract_broadcast.triton import triton_probe
-    return triton_probe(w.device, w.dtype, w.shape[-1], m)
+    from ..ops.contract_broadcast.triton import not_supported_reasons
+    return '; '.join(not_supported_reasons(w.shape[-1], m, w.dtype, w.device)) or None
 
 
 def _triton_apply(w, r, step_rep, step_x, scale: float, pool):

@@ -21,7 +21,7 @@ recompute the gradients with the naive twin if a backward kernel fails.
 import functools
 import logging
 import os
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from ..naive import naive_contract_and_broadcast
 from ..pooling import PoolSpec, num_representatives
 
 __all__ = ['TritonContractBroadcast', 'contract_and_broadcast_triton', 'not_supported_reasons', 'naive_backward',
-           'MAX_REPRESENTATIVES', 'MAX_HEAD_DIM', 'MAX_TOKENS', 'SMEM_BYTES', 'shared_memory_needed']
+           'MAX_REPRESENTATIVES', 'MAX_HEAD_DIM', 'MAX_TOKENS', 'TABLE', 'config', 'shared_memory_reasons']
 
 _logger = logging.getLogger(__name__)
 
@@ -39,14 +39,46 @@ MAX_TOKENS = 65536          # N: grid axis 1 holds ⌈N / BLOCK_N⌉ ≤ 65,535 
 COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_CAPABILITY = (8, 0)     # tl.dot on tensor cores (mma v2 / wgmma), bf16
 
-# Shared memory (bytes per block) the compiled kernels need at most, per (M_PAD, D_PAD) and token element size, over
-# every kernel, both targets (sm_80, sm_90) and both float32 precisions; proven an upper bound by
-# tests/ops/test_triton_compile.py (Triton 3.8 AOT compile).
-SMEM_BYTES = {
-    (16, 32, 2): 0, (16, 64, 2): 0, (16, 128, 2): 0, (64, 32, 2): 0, (64, 64, 2): 0, (64, 128, 2): 0,
-    (128, 32, 2): 0, (128, 64, 2): 0, (128, 128, 2): 0,
-    (16, 32, 4): 0, (16, 64, 4): 0, (16, 128, 4): 0, (64, 32, 4): 0, (64, 64, 4): 0, (64, 128, 4): 0,
-    (128, 32, 4): 0, (128, 64, 4): 0, (128, 128, 4): 0,
+# The launch configurations, per target (80: sm_80 / Ampere, also used for 8.x; 90: sm_90 / Hopper and newer), token
+# kind ('half': bf16 / fp16; 'tf32' / 'ieee': float32 with torch's TF32 switch on / off) and (M_PAD, D_PAD):
+# (BLOCK_N, warps) of extraction / broadcast / A G, of the backward broadcast, of pooling and its adjoint, and the
+# most shared memory per block any of the kernels needs. Chosen by compiling candidates ahead of time for both
+# targets (the first in order of preference with zero register spills) and proven by tests/ops/test_triton_compile.py
+# (Triton 3.8): every listed configuration compiles with zero spills and within this shared memory. A missing entry
+# has no spill-free configuration: ``not_supported_reasons`` refuses it.
+TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]] = {
+    (80, 'half', 16, 32): ((64, 4), (64, 8), (64, 4), 15360),
+    (80, 'half', 16, 64): ((64, 4), (64, 8), (64, 4), 28672),
+    (80, 'half', 16, 128): ((64, 4), (64, 8), (64, 4), 55296),
+    (80, 'half', 64, 32): ((64, 4), (64, 8), (64, 4), 36864),
+    (80, 'half', 64, 64): ((64, 4), (64, 8), (32, 4), 65536),
+    (80, 'half', 64, 128): ((64, 4), (64, 8), (32, 4), 122880),
+    (80, 'ieee', 16, 32): ((32, 4), (32, 8), (32, 4), 18432),
+    (80, 'ieee', 16, 64): ((32, 4), (16, 8), (32, 4), 22528),
+    (80, 'ieee', 64, 32): ((32, 4), (16, 8), (32, 4), 36864),
+    (80, 'tf32', 16, 32): ((32, 4), (32, 8), (32, 4), 24576),
+    (80, 'tf32', 16, 64): ((32, 4), (32, 8), (32, 4), 47104),
+    (80, 'tf32', 16, 128): ((32, 8), (16, 4), (32, 4), 66560),
+    (80, 'tf32', 64, 32): ((32, 4), (32, 8), (32, 4), 61440),
+    (80, 'tf32', 64, 64): ((32, 4), (16, 8), (32, 4), 98304),
+    (90, 'half', 16, 32): ((64, 4), (64, 8), (64, 4), 15360),
+    (90, 'half', 16, 64): ((64, 4), (64, 8), (64, 4), 30720),
+    (90, 'half', 16, 128): ((64, 4), (64, 8), (64, 4), 61440),
+    (90, 'half', 64, 32): ((64, 4), (64, 8), (64, 4), 24576),
+    (90, 'half', 64, 64): ((64, 4), (64, 8), (64, 4), 40960),
+    (90, 'half', 64, 128): ((64, 4), (64, 8), (32, 4), 81920),
+    (90, 'half', 128, 32): ((64, 4), (64, 8), (32, 4), 45056),
+    (90, 'half', 128, 64): ((64, 4), (32, 8), (32, 8), 102400),
+    (90, 'half', 128, 128): ((64, 8), (32, 8), (32, 8), 188416),
+    (90, 'ieee', 16, 32): ((32, 4), (32, 8), (32, 4), 18432),
+    (90, 'ieee', 16, 64): ((32, 4), (16, 8), (32, 4), 22528),
+    (90, 'ieee', 64, 32): ((32, 4), (16, 8), (32, 4), 36864),
+    (90, 'tf32', 16, 32): ((32, 4), (32, 8), (32, 4), 24576),
+    (90, 'tf32', 16, 64): ((32, 4), (32, 8), (32, 4), 47104),
+    (90, 'tf32', 16, 128): ((32, 4), (16, 4), (32, 4), 66560),
+    (90, 'tf32', 64, 32): ((32, 4), (32, 8), (32, 4), 57344),
+    (90, 'tf32', 64, 64): ((32, 4), (32, 8), (32, 4), 114688),
+    (90, 'tf32', 128, 32): ((32, 4), (16, 4), (32, 8), 102400),
 }
 
 
@@ -57,28 +89,59 @@ def pad(x: int) -> int:
 
 class Config(NamedTuple):
     """Tiles and launch settings for one (token dtype, float32 precision, M_PAD, D_PAD)."""
-    block_n: int      # tokens per block in the token kernels
-    warps: int        # num_warps of the token kernels
+    block_n: int      # tokens per block: extraction, broadcast, A G
+    warps: int        # their num_warps
+    bwd_block_n: int  # tokens per block of the backward broadcast (∂W, ∂S W)
+    bwd_warps: int
+    pool_block_n: int  # tokens per block of pooling and its adjoint
+    pool_warps: int
     bm: int           # representatives per row block in the m×m kernels
-    mm_warps: int     # num_warps of the m×m kernels
+    mm_warps: int     # their num_warps
     stages: int       # num_stages (software pipelining of the token loops)
 
 
-def config(dtype: torch.dtype, prec: str, m_pad: int, d_pad: int) -> Config:
-    """The launch configuration; every one is compiled for sm_80 and sm_90 by tests/ops/test_triton_compile.py
-    (zero spills, shared memory within ``SMEM_BYTES``)."""
-    big = m_pad * d_pad
-    if dtype == torch.float64:
-        return Config(16, 4, min(m_pad, 32), 4, 1)
-    if dtype == torch.float32 and prec == 'ieee':   # scalar FMAs: registers scale with the tile
-        return Config(16, 4 if big <= 64 * 64 else 8, min(m_pad, 32), 4 if m_pad <= 16 else 8, 2)
-    block_n = 64 if big <= 64 * 64 else 32
-    return Config(block_n, 4 if big <= 64 * 64 else 8, min(m_pad, 32), 4 if m_pad <= 16 else 8, 2)
+def kind(dtype: torch.dtype, prec: str) -> str:
+    """The table's token kind: 'half' for bf16 / fp16, the float32 product precision ('tf32' / 'ieee') otherwise."""
+    return 'half' if dtype in (torch.float16, torch.bfloat16) else prec
 
 
-def shared_memory_needed(m: int, d: int, dtype: torch.dtype) -> int:
-    """Shared memory per block the kernels need for (m, d, dtype), from ``SMEM_BYTES``."""
-    return SMEM_BYTES[(pad(m), pad(d), 2 if dtype in (torch.float16, torch.bfloat16) else 4)]
+def target(capability: Tuple[int, int]) -> int:
+    """The compiled target whose table a device of this compute capability uses (90 for 9.0 and newer)."""
+    return 90 if capability >= (9, 0) else 80
+
+
+def config(dtype: torch.dtype, prec: str, m_pad: int, d_pad: int, arch: Optional[int]) -> Optional[Config]:
+    """The launch configuration from ``TABLE`` for target ``arch``; None where refused. ``arch`` None (the
+    interpreter): the sm_90 entry, else small tiles."""
+    if dtype == torch.float64 or (arch is None and (90, kind(dtype, prec), m_pad, d_pad) not in TABLE):
+        return Config(32, 4, 32, 4, 32, 4, 16, 4, 1)
+    entry = TABLE.get((arch or 90, kind(dtype, prec), m_pad, d_pad))
+    if entry is None:
+        return None
+    (bn, w), (bbn, bw), (pbn, pw), _ = entry
+    return Config(bn, w, bbn, bw, pbn, pw, 16, 4, 2)
+
+
+def _kinds(dtype: Optional[torch.dtype]) -> List[Tuple[torch.dtype, str]]:
+    """(dtype, table kind) pairs a dtype must have (float32: both precisions, since the switch is global)."""
+    dts = [dtype] if dtype is not None else list(COMPILED_DTYPES)
+    return [(dt, k) for dt in dts for k in (['tf32', 'ieee'] if dt == torch.float32 else ['half'])]
+
+
+def shared_memory_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dtype], arch: int,
+                          limit: int) -> List[str]:
+    """Why the compiled kernels for (d, m, dtype; None: every compiled dtype) cannot run on target ``arch`` with
+    ``limit`` bytes of shared memory per block: no spill-free configuration in ``TABLE``, or too much shared memory."""
+    reasons = []
+    for dt, k in _kinds(dtype):
+        entry = TABLE.get((arch, k, pad(num_reps), pad(head_dim)))
+        what = f'm={num_reps}, d={head_dim}, {dt}' + (f' ({k} products)' if dt == torch.float32 else '')
+        if entry is None:
+            reasons.append(f'{what}: no configuration of the kernels compiles without register spills on sm_{arch} '
+                           '(tests/ops/test_triton_compile.py)')
+        elif entry[3] > limit:
+            reasons.append(f'{what} needs {entry[3]} B of shared memory per block, the device allows {limit} B')
+    return reasons
 
 
 def _interpreting() -> bool:
@@ -92,6 +155,10 @@ def _import_error() -> Optional[str]:
     except Exception as e:  # noqa: BLE001 (any import failure means: Triton unusable here)
         return f'Triton is not importable ({type(e).__name__}: {e})'
     return None
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +181,8 @@ def not_supported_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dt
     """Why the Triton kernels cannot run for (d, m, dtype, device); empty when they run. Static checks only: Triton
     importable; a CUDA device of compute capability ≥ 8.0 (or the CPU under ``TRITON_INTERPRET=1``); the dtype
     (None: all of float32 / float16 / bfloat16); 1 ≤ m ≤ 128 and 1 ≤ d ≤ 128; and the shared memory the compiled
-    kernels need (``SMEM_BYTES``, proven by the compile matrix) within the device's per-block opt-in limit."""
+    kernels need (``TABLE``, proven by the compile matrix) within the device's per-block opt-in limit; a configuration
+    the table lacks (no spill-free compile) is refused."""
     device = torch.device(device)
     reasons = []
     err = _import_error()
@@ -132,16 +200,11 @@ def not_supported_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dt
         return reasons
     if not torch.cuda.is_available():
         return ['CUDA is not available']
-    cap, smem, _ = _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+    cap, smem, _ = _device_limits(_index(device))
     if cap < MIN_CAPABILITY:
         reasons.append(f'compute capability {cap[0]}.{cap[1]} (the kernels need ≥ {MIN_CAPABILITY[0]}.'
                        f'{MIN_CAPABILITY[1]})')
-    for dt in ([dtype] if dtype is not None else COMPILED_DTYPES):
-        need = shared_memory_needed(num_reps, head_dim, dt)
-        if need > smem:
-            reasons.append(f'm={num_reps}, d={head_dim}, {dt} needs {need} B of shared memory per block, the device '
-                           f'allows {smem} B')
-    return reasons
+    return reasons + shared_memory_reasons(head_dim, num_reps, dtype, target(cap), smem)
 
 
 def fp32_precision() -> str:
@@ -163,7 +226,7 @@ def splits(n: int, bh: int, block_n: int, device: torch.device) -> int:
     blocks. Under the interpreter: up to 3 chunks of one block (so that the CPU tests cover the merges)."""
     n_blocks = max(1, cdiv(n, block_n))
     if device.type == 'cuda':
-        sms = _device_limits(device.index if device.index is not None else torch.cuda.current_device())[2]
+        sms = _device_limits(_index(device))[2]
         want = max(1, min(cdiv(2 * sms, bh), n_blocks // 4))
     else:
         want = min(3, n_blocks)
@@ -191,20 +254,25 @@ class _Plan(NamedTuple):
     dp: int
     dt: torch.dtype      # the token dtype the kernels see (float32 for bf16 under the interpreter)
     sd: torch.dtype      # statistics / m×d dtype (ACC)
-    prec: str
-    mm_prec: str
+    prec: str            # token products
+    mm_prec: str         # m×m algebra
+    pool_prec: str       # pooling products (float32 tokens: two TF32 products instead, see kernels._dot_01)
     emu: bool            # interpreter bf16 emulation
     cfg: Config
 
 
-def _plan(w: torch.Tensor, m: int) -> _Plan:
+def _plan(w: torch.Tensor, m: int, arch: Optional[int] = None) -> _Plan:
+    """The launch plan; ``arch``: the target whose table to use (default: the device's; None on CPU)."""
     B, H, N, d = w.shape
+    if arch is None and w.device.type == 'cuda':
+        arch = target(_device_limits(_index(w.device))[0])
     emu = w.dtype == torch.bfloat16 and _interpreting()
     sd = torch.float64 if w.dtype == torch.float64 else torch.float32
     prec = fp32_precision() if w.dtype == torch.float32 else ('ieee' if w.dtype == torch.float64 else 'tf32')
     mp, dp = pad(m), pad(d)
     return _Plan(B, H, N, m, d, mp, dp, torch.float32 if emu else w.dtype, sd, prec,
-                 'ieee' if sd == torch.float64 else 'tf32x3', emu, config(w.dtype, prec, mp, dp))
+                 'ieee' if sd == torch.float64 else 'tf32x3', 'ieee' if sd == torch.float64 else 'tf32', emu,
+                 config(w.dtype, prec, mp, dp, arch))
 
 
 def _like(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -215,9 +283,11 @@ def _like(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(w.shape, dtype=dtype, device=w.device)
 
 
-def _tok(pl: _Plan, **extra):
+def _tok(pl: _Plan, kind: str = ''):
+    """Launch constants of the token kernels: kind '' (extraction, broadcast, A G), 'bwd_' or 'pool_'."""
     c = pl.cfg
-    return dict(M_PAD=pl.mp, D_PAD=pl.dp, BLOCK_N=c.block_n, num_warps=c.warps, num_stages=c.stages, **extra)
+    return dict(M_PAD=pl.mp, D_PAD=pl.dp, BLOCK_N=getattr(c, kind + 'block_n'), num_warps=getattr(c, kind + 'warps'),
+                num_stages=c.stages)
 
 
 def _pool_args(pool: PoolSpec, n: int):
@@ -235,11 +305,11 @@ def _representatives(K, pl: _Plan, w: torch.Tensor, r: Optional[torch.Tensor], p
         q0.view(pl.B, pl.H, pl.mp, pl.dp)[:, :, :pl.m, :pl.d] = r.to(dtype)
         return q0
     p0, gh, gw, rh, rw = _pool_args(pool, pl.N)
-    n_split = splits(gh * gw, BH, pl.cfg.block_n, w.device)
+    n_split = splits(gh * gw, BH, pl.cfg.pool_block_n, w.device)
     pq = torch.empty(n_split, BH, pl.mp, pl.dp, dtype=pl.sd, device=w.device)
     K._pool_partial[(BH, n_split)](
-        w, pq, pl.H, pl.d, chunk(gh * gw, n_split, pl.cfg.block_n), p0, gh, gw, rh, rw, *w.stride(),
-        MM_PREC=pl.mm_prec, EMU_BF16=pl.emu, **_tok(pl))
+        w, pq, pl.H, pl.d, chunk(gh * gw, n_split, pl.cfg.pool_block_n), p0, gh, gw, rh, rw, *w.stride(),
+        PREC=pl.pool_prec, EMU_BF16=pl.emu, **_tok(pl, 'pool_'))
     q0 = pq[0] if n_split == 1 else pq.sum(0)
     return q0 if dtype == pl.sd else q0.to(dtype).to(pl.sd)
 
@@ -256,8 +326,8 @@ def _forward(K, pl: _Plan, w, r0, eta, kap, scale: float):
     lse, lse_p = (torch.empty(BH, mp, dtype=sd, device=dev) for _ in range(2))
     z, q, c = (torch.empty(BH, mp, dp, dtype=sd, device=dev) for _ in range(3))
     K._combine_contract[(BH,)](
-        r0, eta, pmx, pss, pacc, lse, z, q, c, lse_p, pl.H, pl.m, n_split, scale,
-        M_PAD=mp, D_PAD=dp, BM=pl.cfg.bm, MM_PREC=pl.mm_prec, num_warps=pl.cfg.mm_warps, num_stages=1)
+        r0, eta, pmx, pss, pacc, lse, z, q, c, lse_p, pl.H, pl.m, pl.d, n_split, scale,
+        M_PAD=mp, D_PAD=dp, BM=pl.cfg.bm, DK=min(dp, 32), MM_PREC=pl.mm_prec, num_warps=pl.cfg.mm_warps, num_stages=1)
     out = _like(w, w.dtype)
     K._broadcast_fwd[grid(BH, pl.N, pl.cfg.block_n)](
         w, r0, kap, lse, c, out, pl.N, pl.H, pl.m, pl.d, scale, *w.stride(), *out.stride(),
@@ -279,18 +349,20 @@ def _backward(K, pl: _Plan, saved: Sequence[torch.Tensor], grad, eta, kap, scale
     delta, dd = (torch.empty(BH, mp, dtype=sd, device=dev) for _ in range(2))
     deta, dkap = (torch.empty(BH, dtype=sd, device=dev) for _ in range(2))
     K._contract_bwd[(BH,)](
-        eta, kap, pag, z, q, c, lse_p, dc, delta, dz, dq, dd, deta, dkap, pl.H, pl.m, n_split, scale,
-        M_PAD=mp, D_PAD=dp, BM=pl.cfg.bm, MM_PREC=pl.mm_prec, num_warps=pl.cfg.mm_warps, num_stages=1)
+        eta, kap, pag, z, q, c, lse_p, dc, delta, dz, dq, dd, deta, dkap, pl.H, pl.m, pl.d, n_split, scale,
+        M_PAD=mp, D_PAD=dp, BM=pl.cfg.bm, DK=min(dp, 32), MM_PREC=pl.mm_prec, num_warps=pl.cfg.mm_warps, num_stages=1)
     dw = _like(w, w.dtype)
+    n_split = splits(pl.N, BH, pl.cfg.bwd_block_n, dev)
     pdr = torch.empty(n_split, BH, mp, dp, dtype=sd, device=dev)
     K._broadcast_bwd[(BH, n_split)](
-        w, r0, grad, kap, lse, c, dz, dd, dw, pdr, pl.N, pl.H, pl.m, pl.d, ch, scale,
-        *w.stride(), *grad.stride(), *dw.stride(), PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl))
-    dr = dq + (pdr[0] if n_split == 1 else pdr.sum(0))                 # ∂Q_ini = ∂Q + s ∂S W (fixed order)
+        w, r0, grad, kap, lse, c, dz, dd, dw, pdr, pl.N, pl.H, pl.m, pl.d, chunk(pl.N, n_split, pl.cfg.bwd_block_n),
+        scale, *w.stride(), *grad.stride(), *dw.stride(), PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl, 'bwd_'))
+    dr = dq + (pdr[0] if n_split == 1 else pdr.sum(0))   # ∂Q_ini = ∂Q + s ∂S W (fixed order; rows ≥ m unused)
     if pool is not None:
         p0, gh, gw, rh, rw = _pool_args(pool, pl.N)
-        K._pool_adjoint[grid(BH, gh * gw, pl.cfg.block_n)](
-            dr, dw, pl.H, pl.d, p0, gh, gw, rh, rw, *dw.stride(), MM_PREC=pl.mm_prec, EMU_BF16=pl.emu, **_tok(pl))
+        K._pool_adjoint[grid(BH, gh * gw, pl.cfg.pool_block_n)](
+            dr, dw, pl.H, pl.m, pl.d, p0, gh, gw, rh, rw, *dw.stride(), PREC=pl.pool_prec, EMU_BF16=pl.emu,
+            **_tok(pl, 'pool_'))
     return dw, dr, deta.view(pl.B, pl.H), dkap.view(pl.B, pl.H)
 
 

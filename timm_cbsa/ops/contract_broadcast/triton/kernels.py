@@ -79,6 +79,13 @@ def _md(ptr, pid_bh, rows, rd, M_PAD: tl.constexpr, D_PAD: tl.constexpr):
 
 
 @triton.jit
+def _load_md(ptr, pid_bh, rm, rd, M, M_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """The (M_PAD, D_PAD) block of ``pid_bh``, rows ≥ M read as zero (the m×m kernels write only the row blocks
+    that hold representatives)."""
+    return tl.load(_md(ptr, pid_bh, rm, rd, M_PAD, D_PAD), mask=(rm < M)[:, None], other=0.)
+
+
+@triton.jit
 def _windows(rm, GH, GW, RH, RW):
     """Window bounds (row lo, row hi, col lo, col hi) of representatives rm (adaptive-average-pooling windows)."""
     a = rm // RW
@@ -97,6 +104,18 @@ def _membership(t, t_end, GW, r_lo, r_hi, c_lo, c_hi):
 
 
 @triton.jit
+def _dot_01(a, b, PREC: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a 0/1 matrix a (exact in any dtype). SPLIT (float32 b): two TF32 products of b's high 11 bits and
+    the rest, float32-accurate to ~2⁻²¹ on tensor cores without the register cost of 'tf32x3' / 'ieee'."""
+    if SPLIT:
+        hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return (tl.dot(a, hi, input_precision='tf32', out_dtype=ACC)
+                + tl.dot(a, b - hi, input_precision='tf32', out_dtype=ACC))
+    else:
+        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
 def _inv_area(r_lo, r_hi, c_lo, c_hi, ACC: tl.constexpr):
     return 1. / tl.maximum((r_hi - r_lo) * (c_hi - c_lo), 1).to(ACC)
 
@@ -106,7 +125,7 @@ def _pool_partial(
         w_ptr, pq_ptr,
         H, D, CHUNK, P0, GH, GW, RH, RW,
         s_wb, s_wh, s_wn, s_wd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MM_PREC: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
         EMU_BF16: tl.constexpr,
 ):
     """Window averages of the patch tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) → one partial Q_ini (ACC)."""
@@ -127,7 +146,7 @@ def _pool_partial(
     for t0 in range(t_start, t_end, BLOCK_N):
         w = _load_tile(w_base + tl.cast(t0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, t_end - t0, D)
         inside = _membership(t0 + rn, t_end, GW, r_lo, r_hi, c_lo, c_hi)
-        acc += tl.dot(inside.to(DT), w, input_precision=MM_PREC, out_dtype=ACC)
+        acc += _dot_01(inside.to(DT), w, PREC, ACC, DT == tl.float32)
     acc = acc * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
     tl.store(_md(pq_ptr, pid_s * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), acc)
 
@@ -196,8 +215,8 @@ def _merge_extraction(pmx_ptr, pss_ptr, pacc_ptr, pid_bh, BH, SPLITS, rows, rd,
 def _combine_contract(
         r_ptr, eta_ptr, pmx_ptr, pss_ptr, pacc_ptr,
         lse_ptr, z_ptr, q_ptr, c_ptr, lsep_ptr,
-        H, M, SPLITS, scale,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, MM_PREC: tl.constexpr,
+        H, M, D, SPLITS, scale,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, MM_PREC: tl.constexpr,
 ):
     """Merges the partial extractions into lse and Z = A W, forms Q = Q_ini + ηZ (all stored), then C = P Q with
     P = softmax(s·Q Qᵀ) by row blocks of BM representatives and an online softmax over column blocks; stores C and
@@ -209,7 +228,7 @@ def _combine_contract(
     rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     eta = tl.load(eta_ptr + h)
-    for j0 in range(0, M_PAD, BM):
+    for j0 in range(0, M, BM):
         rows = j0 + rb
         lse, z = _merge_extraction(pmx_ptr, pss_ptr, pacc_ptr, pid_bh, BH, SPLITS, rows, rd, M_PAD, D_PAD)
         z = tl.where((rows < M)[:, None], z, 0.)                                             # Z = A W
@@ -218,16 +237,15 @@ def _combine_contract(
         tl.store(_md(z_ptr, pid_bh, rows, rd, M_PAD, D_PAD), z)
         tl.store(_md(q_ptr, pid_bh, rows, rd, M_PAD, D_PAD), q)
     tl.debug_barrier()                                                                       # Q complete
-    for j0 in range(0, M_PAD, BM):
+    for j0 in range(0, M, BM):
         rows = j0 + rb
-        q_j = tl.load(_md(q_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
         mx = tl.full([BM], float('-inf'), ACC)
         ssum = tl.zeros([BM], ACC)
         c = tl.zeros([BM, D_PAD], ACC)
-        for i0 in range(0, M_PAD, BM):
+        for i0 in range(0, M, BM):
             cols = i0 + rb
             q_i = tl.load(_md(q_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
-            s = tl.dot(q_j, tl.trans(q_i), input_precision=MM_PREC, out_dtype=ACC) * scale
+            s = _gram(q_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC) * scale
             s = tl.where((cols < M)[None, :], s, float('-inf'))
             mx_new = tl.maximum(mx, tl.max(s, 1))
             alpha = tl.exp(mx - mx_new)
@@ -238,6 +256,20 @@ def _combine_contract(
         c = tl.where((rows < M)[:, None], c / ssum[:, None], 0.)                            # C = P Q
         tl.store(_md(c_ptr, pid_bh, rows, rd, M_PAD, D_PAD), c)
         tl.store(lsep_ptr + pid_bh * M_PAD + rows, mx + tl.log(ssum))
+
+
+@triton.jit
+def _gram(x_ptr, y_ptr, pid_bh, rows, cols, D, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+          DK: tl.constexpr, MM_PREC: tl.constexpr, ACC: tl.constexpr):
+    """X[rows] Y[cols]ᵀ (BM, BM) for two (B·H, M_PAD, D_PAD) buffers, the contraction over the D valid columns in
+    chunks of DK loaded from memory (a long-K dot operand would be replicated in every warp's registers)."""
+    acc = tl.zeros([BM, BM], ACC)
+    for k0 in range(0, D, DK):
+        kd = k0 + tl.arange(0, DK)
+        x = tl.load(x_ptr + pid_bh * (M_PAD * D_PAD) + rows[:, None] * D_PAD + kd[None, :])
+        y = tl.load(y_ptr + pid_bh * (M_PAD * D_PAD) + cols[:, None] * D_PAD + kd[None, :])
+        acc += tl.dot(x, tl.trans(y), input_precision=MM_PREC, out_dtype=ACC)
+    return acc
 
 
 @triton.jit
@@ -269,7 +301,7 @@ def _broadcast_fwd(
     w = _load_tile(w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
     r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
     lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    ck = _cast(tl.load(kap_ptr + h) * tl.load(_md(c_ptr, pid_bh, rm, rd, M_PAD, D_PAD)), DT, EMU_BF16)
+    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
     at = _rebuild_at(w, r, lse, rn < N - n0, rm < M, scale, PREC, ACC)                      # (BLOCK_N, M_PAD)
     out = tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)          # κ Aᵀ C
     mask = (rn[:, None] < N - n0) & (rd[None, :] < D)
@@ -316,8 +348,8 @@ def _ag_partial(
 def _contract_bwd(
         eta_ptr, kap_ptr, pag_ptr, z_ptr, q_ptr, c_ptr, lsep_ptr,
         dc_ptr, delta_ptr, dz_ptr, dq_ptr, dd_ptr, deta_ptr, dkap_ptr,
-        H, M, SPLITS, scale,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, MM_PREC: tl.constexpr,
+        H, M, D, SPLITS, scale,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, MM_PREC: tl.constexpr,
 ):
     """The m×m backward (``../fused.py``): ∂C = κ·A G (the SPLITS partials summed in order), δ = rowsum(∂C Qᵀ ⊙ P)
     = rowsum(∂C ⊙ C), then by row blocks J over column blocks I with P rebuilt from s·Q Qᵀ and its lse:
@@ -332,7 +364,7 @@ def _contract_bwd(
     eta = tl.load(eta_ptr + h)
     kap = tl.load(kap_ptr + h)
     dkap = tl.zeros([BM], ACC)
-    for j0 in range(0, M_PAD, BM):
+    for j0 in range(0, M, BM):
         rows = j0 + rb
         ag = tl.zeros([BM, D_PAD], ACC)
         for sp in range(0, SPLITS):
@@ -343,24 +375,24 @@ def _contract_bwd(
         tl.store(delta_ptr + pid_bh * M_PAD + rows, kap * tl.sum(c * ag, 1))
     tl.debug_barrier()                                                                       # ∂C, δ complete
     deta = tl.zeros([BM], ACC)
-    for j0 in range(0, M_PAD, BM):
+    for j0 in range(0, M, BM):
         rows = j0 + rb
-        q_j = tl.load(_md(q_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
-        dc_j = tl.load(_md(dc_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
         delta_j = tl.load(delta_ptr + pid_bh * M_PAD + rows)
         lse_j = tl.load(lsep_ptr + pid_bh * M_PAD + rows)
         dq = tl.zeros([BM, D_PAD], ACC)
-        for i0 in range(0, M_PAD, BM):
+        for i0 in range(0, M, BM):
             cols = i0 + rb
             ok = (rows < M)[:, None] & (cols < M)[None, :]
             q_i = tl.load(_md(q_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
             dc_i = tl.load(_md(dc_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
-            s = tl.dot(q_j, tl.trans(q_i), input_precision=MM_PREC, out_dtype=ACC) * scale
+            s = _gram(q_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC) * scale
             p_ji = tl.where(ok, tl.exp(s - lse_j[:, None]), 0.)                             # P_JI
             pt_ij = tl.where(ok, tl.exp(s - tl.load(lsep_ptr + pid_bh * M_PAD + cols)[None, :]), 0.)   # P_IJᵀ
-            dl = p_ji * (tl.dot(dc_j, tl.trans(q_i), input_precision=MM_PREC, out_dtype=ACC) - delta_j[:, None])
+            dl = p_ji * (_gram(dc_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC)
+                         - delta_j[:, None])
             delta_i = tl.load(delta_ptr + pid_bh * M_PAD + cols)
-            dl += pt_ij * (tl.dot(q_j, tl.trans(dc_i), input_precision=MM_PREC, out_dtype=ACC) - delta_i[None, :])
+            dl += pt_ij * (_gram(q_ptr, dc_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC)
+                           - delta_i[None, :])
             dq += tl.dot(pt_ij, dc_i, input_precision=MM_PREC, out_dtype=ACC)
             dq += scale * tl.dot(dl, q_i, input_precision=MM_PREC, out_dtype=ACC)
         z = tl.load(_md(z_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
@@ -400,9 +432,9 @@ def _broadcast_bwd(
     dw_base = dw_ptr + b * s_db + h * s_dh
     r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
     lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    dd = tl.load(dd_ptr + pid_bh * M_PAD + rm)
-    ck = _cast(tl.load(kap_ptr + h) * tl.load(_md(c_ptr, pid_bh, rm, rd, M_PAD, D_PAD)), DT, EMU_BF16)
-    dz = _cast(tl.load(_md(dz_ptr, pid_bh, rm, rd, M_PAD, D_PAD)), DT, EMU_BF16)
+    dd = tl.load(dd_ptr + pid_bh * M_PAD + rm, mask=rm < M, other=0.)
+    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
+    dz = _cast(_load_md(dz_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
     dr = tl.zeros([M_PAD, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
@@ -425,9 +457,9 @@ def _broadcast_bwd(
 @_jit
 def _pool_adjoint(
         dr_ptr, dw_ptr,
-        H, D, P0, GH, GW, RH, RW,
+        H, M, D, P0, GH, GW, RH, RW,
         s_db, s_dh, s_dn, s_dd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MM_PREC: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
         EMU_BF16: tl.constexpr,
 ):
     """∂W[P0 + t] += Σ_i [t ∈ window_i] ∂Q_ini[i] / area_i for one block of patch tokens t."""
@@ -436,13 +468,14 @@ def _pool_adjoint(
     b = pid_bh // H
     h = pid_bh % H
     ACC = dr_ptr.dtype.element_ty
+    DT = dw_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
     r_lo, r_hi, c_lo, c_hi = _windows(rm, GH, GW, RH, RW)
-    dr = tl.load(_md(dr_ptr, pid_bh, rm, rd, M_PAD, D_PAD)) * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
+    dr = _load_md(dr_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD) * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
     inside = _membership(t0 + rn, GH * GW, GW, r_lo, r_hi, c_lo, c_hi)                     # (M_PAD, BLOCK_N)
-    add = tl.dot(tl.trans(inside.to(ACC)), dr, input_precision=MM_PREC, out_dtype=ACC)     # (BLOCK_N, D_PAD)
+    add = _dot_01(tl.trans(inside.to(DT)), _cast(dr, DT, EMU_BF16), PREC, ACC, DT == tl.float32)  # (BLOCK_N, D_PAD)
     mask = (rn[:, None] < GH * GW - t0) & (rd[None, :] < D)
     ptr = (dw_ptr + b * s_db + h * s_dh + tl.cast(P0 + t0, tl.int64) * s_dn
            + rn[:, None] * s_dn + rd[None, :] * s_dd)
