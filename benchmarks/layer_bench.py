@@ -75,11 +75,11 @@ def core_share(args, device, dtype):
         except Exception as e:  # noqa: BLE001 (one size failing, e.g. out of memory, does not stop the others)
             rows.append(dict(N=n, error=f'{type(e).__name__}: {e}'[:300]))
         print(rows[-1], flush=True)
+    cells = [[str(r['N']), '%.2f' % r['layer_ms'], '%.2f' % r['core_ms'], '%.0f%%' % (100 * r['core_share'])]
+             if 'error' not in r else [str(r['N']), r['error'], '–', '–'] for r in rows]
     md = [f'### CBSA core share of a layer (fwd+bwd, backend triton), C={args.dim}, H={args.heads}, B={args.batch}, '
           f'{args.dtype}', '', f'Machine: {machine_description(device)}. min over interleaved rounds.', '',
-          markdown_table(['N', 'layer ms', 'core ms', 'core share'],
-                         [[str(r['N']), '%.2f' % r['layer_ms'], '%.2f' % r['core_ms'], '%.0f%%' % (100 * r['core_share'])]
-                          if 'error' not in r else [str(r['N']), r['error'], '–', '–'] for r in rows])]
+          markdown_table(['N', 'layer ms', 'core ms', 'core share'], cells)]
     print('\n'.join(md))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'layer_core_share.md'), 'w') as f:

@@ -109,6 +109,17 @@ def parity(dev):
     return res, failed
 
 
+def _without_sync(step):
+    """step() once to compile, then again with torch.cuda.set_sync_debug_mode('error')."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def sync_free(dev):
     import timm
     import timm_cbsa  # noqa: F401 (registers the models)
@@ -116,14 +127,8 @@ def sync_free(dev):
     from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, function
     w0, _, eta0, kap0, grad = _inputs(4, 6, 64, (14, 14), (8, 8), 1, 0, 'pool', dev)
     pool = PoolSpec((14, 14), (8, 8), 0)
-    run = lambda: _fwd_bwd(contract_and_broadcast_triton, torch.bfloat16, w0, None, eta0, kap0, grad, 0.125, pool)
-    run()                                     # compile first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode('error')
-    try:
-        run()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    _without_sync(lambda: _fwd_bwd(contract_and_broadcast_triton, torch.bfloat16, w0, None, eta0, kap0, grad, 0.125,
+                                   pool))
     out = {'operator': 'no sync'}
     model = timm.create_model('cbsa_vit_small', backend='triton', num_classes=10).to(dev)
     x = torch.randn(8, 3, 224, 224, device=dev)
@@ -136,13 +141,7 @@ def sync_free(dev):
             loss = model(x).float().square().mean()
         loss.backward()
     try:
-        step()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode('error')
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        _without_sync(step)
     finally:
         del function.TritonContractBroadcast.apply
     out['model'] = f'no sync, {len(calls)} kernel calls'

@@ -57,6 +57,11 @@ def _run(fn, dtype, w0, r0, eta0, kap0, grad, scale, pool):
     return [out.detach(), w.grad, None if r is None else r.grad, eta.grad, kap.grad], out
 
 
+def _rel_errors(got, ref):
+    return {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            for n, a, b in zip(NAMES, got, ref) if a is not None}
+
+
 def run_case(name, B, H, d, grid, rep, prefix, trailing, layout, qini, dtype):
     """Kernels in ``dtype`` vs the naive twin in float64 on the same (dtype-rounded) inputs: relative errors."""
     from timm_cbsa.ops.contract_broadcast.naive import naive_contract_and_broadcast
@@ -70,9 +75,11 @@ def run_case(name, B, H, d, grid, rep, prefix, trailing, layout, qini, dtype):
     got, out = _run(contract_and_broadcast_triton, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
     secs = time.perf_counter() - t0
     ref, _ = _run(naive_contract_and_broadcast, torch.float64, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
-    errs = {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-            for n, a, b in zip(NAMES, got, ref) if a is not None}
-    return dict(errors=errs, seconds=round(secs, 2), out_dtype=str(out.dtype), grad_dtype=str(got[1].dtype),
+    errs = _rel_errors(got, ref)
+    # the naive twin itself in ``dtype``: how far rounding to it alone lands from float64 (∂η sums cancel)
+    own, _ = _run(naive_contract_and_broadcast, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
+    return dict(errors=errs, naive_errors=_rel_errors(own, ref), seconds=round(secs, 2), out_dtype=str(out.dtype),
+                grad_dtype=str(got[1].dtype),
                 out_layout_bnhd=bool(out.transpose(1, 2).is_contiguous()) if layout == 'bnhd' else None)
 
 
@@ -179,7 +186,8 @@ def cast_case():
 
     bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x3FFF8000, 0x7F7FFFFF, 0x00018000,
                          0x80008000, 0x7F800000, 0xFF800000], dtype=torch.int64).to(torch.int32).view(torch.float32)
-    x = torch.cat([bits, torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 10 ** torch.linspace(-40, 38, 4000)])
+    spread = 10 ** torch.linspace(-40, 38, 4000)
+    x = torch.cat([bits, torch.randn(4000, generator=torch.Generator().manual_seed(0)) * spread])
     y = torch.empty_like(x)
     _round[(1,)](x, y, x.numel(), BLOCK=4096)
     ref = x.to(torch.bfloat16).float()
@@ -189,9 +197,34 @@ def cast_case():
     return dict(case='cast', mismatches=int((y != ref).sum()), checked=x.numel(), nan_kept=bool(y_nan.isnan().all()))
 
 
+def interpreter_problem():
+    """None when this Triton's interpreter runs a kernel with a loop bound passed at launch, else why not (Triton
+    3.6's interpreter cannot with numpy 2: it calls int() on 1-element arrays)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop(x_ptr, n, BLOCK: tl.constexpr):
+        acc = tl.zeros([BLOCK], tl.float32)
+        for n0 in range(0, n, BLOCK):
+            acc += tl.load(x_ptr + n0 + tl.arange(0, BLOCK), mask=n0 + tl.arange(0, BLOCK) < n, other=0.)
+        tl.store(x_ptr + tl.arange(0, BLOCK), acc)
+    try:
+        x = torch.ones(40)
+        _loop[(1,)](x, 40, BLOCK=16)
+        assert x[:8].tolist() == [3.] * 8 and x[8:16].tolist() == [2.] * 8, x
+    except Exception as e:  # noqa: BLE001
+        return f'Triton {triton.__version__} interpreter cannot run a launch-time loop bound: {type(e).__name__}: {e}'
+    return None
+
+
 def main(argv):
     if os.environ.get('TRITON_INTERPRET') != '1':
         raise SystemExit('set TRITON_INTERPRET=1 before running this worker')
+    problem = interpreter_problem()
+    if problem is not None:
+        print(json.dumps({'interpreter_unusable': problem}), flush=True)
+        return
     from timm_cbsa.ops.contract_broadcast.triton import kernels
     interpreted = type(kernels._broadcast_fwd).__name__   # InterpretedFunction under TRITON_INTERPRET=1
     wanted = set(argv)

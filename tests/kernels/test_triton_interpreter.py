@@ -1,7 +1,7 @@
 """The CBSA Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1): forward and every gradient
 (∂W including the pooled ∂Q_ini, ∂Q_ini when given, ∂η, ∂κ) against the naive twin in float64 on the same inputs:
 float32 (≤ 1e-4 relative), float64 (≤ 1e-10), float16 and bfloat16 (≤ 2e-2 / 3e-2; the step-size gradients, sums
-with cancellation, ≤ 5e-2 / 8e-2). bf16 runs through the kernels' interpreter emulation, whose rounding is checked
+with cancellation, ≤ 5e-2 / 8e-2; or within twice the error of the naive twin run in that dtype itself). bf16 runs through the kernels' interpreter emulation, whose rounding is checked
 against torch's bf16 cast. Cases (interpreter_cases.py): prefix and trailing tokens (150 class tokens of a
 segmentation decoder, legacy pooling), equal / adaptive / non-square windows, m ∈ {4, 6, 16, 49, 64, 100, 128}, d up to
 128, odd N, batch > 1; bitwise-equal gradients across two runs in deterministic mode.
@@ -34,7 +34,10 @@ def interpreter_results():
     proc = subprocess.run([sys.executable, os.path.join(HERE, 'interpreter_cases.py')], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f'interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}'
-    return {res['case']: res for res in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{'))}
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    if lines and 'interpreter_unusable' in lines[0]:
+        pytest.skip(lines[0]['interpreter_unusable'])
+    return {res['case']: res for res in lines}
 
 
 @pytest.mark.slow
@@ -45,8 +48,10 @@ def test_kernels_match_naive_float64(interpreter_results, case):
     dn = case.rsplit('-', 1)[1]
     expected = {'out', 'dw', 'deta', 'dkap'} | ({'dr'} if 'given_r' in case else set())
     assert set(res['errors']) == expected, res['errors']
+    # half precision: within the tolerance, or within twice what the naive twin itself loses in that dtype
+    slack = {k: 2 * v for k, v in res['naive_errors'].items()} if dn in STEP_TOL else {}
     bad = {k: v for k, v in res['errors'].items()
-           if not v <= (STEP_TOL.get(dn, TOL[dn]) if k in ('deta', 'dkap') else TOL[dn])}
+           if not v <= max(STEP_TOL.get(dn, TOL[dn]) if k in ('deta', 'dkap') else TOL[dn], slack.get(k, 0))}
     assert not bad, f'{case}: relative errors above {TOL[dn]}: {bad} (all: {res["errors"]})'
     assert res['out_dtype'] == res['grad_dtype'] == str(DTYPES[dn])
     if res['out_layout_bnhd'] is not None:

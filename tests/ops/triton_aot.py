@@ -28,6 +28,7 @@ SMEM_LIMIT = {80: 166912, 90: 232448}
 MODES = {'bf16': (torch.bfloat16, 'tf32'), 'fp16': (torch.float16, 'tf32'), 'fp32_tf32': (torch.float32, 'tf32'),
          'fp32_ieee': (torch.float32, 'ieee')}
 MODEL_MD = [(64, 64), (4, 32)]      # cbsa_vit_* / cbt_* (8×8 representatives, d = 64); cbt_nano_patch8_32 (2×2, 32)
+FP16_SAMPLE = MODEL_MD + [(49, 96), (16, 128), (100, 128)]   # fp16 compiles like bf16 (same tiles): a sample
 MS = [16, 49, 64, 100, 128]
 DS = [32, 48, 64, 80, 96, 128]
 _DT = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float64: 'fp64'}
@@ -178,9 +179,10 @@ def compile_launch(launch: Launch, arch: int) -> dict:
 
 
 def matrix() -> List[Tuple[str, int, int]]:
-    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS, every mode."""
+    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS for bf16 and both
+    float32 precisions; fp16 (the same tiles and code as bf16 but the element type) on ``FP16_SAMPLE``."""
     pairs = list(dict.fromkeys(MODEL_MD + [(m, d) for m in MS for d in DS]))
-    return [(mode, m, d) for mode in MODES for m, d in pairs]
+    return [(mode, m, d) for mode in MODES for m, d in (FP16_SAMPLE if mode == 'fp16' else pairs)]
 
 
 def accepted(mode: str, m: int, d: int, arch: int) -> bool:
@@ -244,7 +246,8 @@ def _sweep_one(task):
             launches = [l for l in record(dtype, prec, mp, dp, arch, True, Config(*sizes, 16, 4, 2))
                         if l.kernel in GROUPS[group]]
             res = [compile_launch(l, arch) for l in launches]
-            tried.append((cand, arch, [(r['kernel'], r.get('registers'), r.get('stack'), r.get('shared')) for r in res]))
+            tried.append((cand, arch, [(r['kernel'], r.get('registers'), r.get('stack'), r.get('shared'))
+                                       for r in res]))
             if all(clean(r, arch) for r in res):
                 found[arch] = (cand, max(r['shared'] for r in res))
         if len(found) == len(archs):
@@ -325,10 +328,10 @@ def main(argv=None):
         raise SystemExit(problem)
     t0 = time.time()
     if args.sweep:
-        table = sweep(archs=tuple(args.archs), jobs=args.jobs, log=sys.stdout)
+        entries = sweep(archs=tuple(args.archs), jobs=args.jobs, log=sys.stdout)
         print('TABLE = {')
-        for k in sorted(table):
-            print(f'    {k}: {table[k]},')
+        for k in sorted(entries):
+            print(f'    {k}: {entries[k]},')
         print('}', f'# {time.time() - t0:.0f} s')
         return
     res = run(tuple(args.archs), args.jobs, log=sys.stdout)

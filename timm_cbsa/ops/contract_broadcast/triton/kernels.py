@@ -67,6 +67,13 @@ def _cast(x, DT: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 @triton.jit
+def _program(H):
+    """This program's (batch, head) index on grid axis 0 and its batch and head, in int64 (offsets pass 2³¹)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    return pid_bh, pid_bh // H, pid_bh % H
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, s_row, s_col, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None] * s_row + cols[None, :] * s_col, mask=mask, other=0.)
@@ -129,10 +136,8 @@ def _pool_partial(
         EMU_BF16: tl.constexpr,
 ):
     """Window averages of the patch tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) → one partial Q_ini (ACC)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = pq_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -148,7 +153,7 @@ def _pool_partial(
         inside = _membership(t0 + rn, t_end, GW, r_lo, r_hi, c_lo, c_hi)
         acc += _dot_01(inside.to(DT), w, PREC, ACC, DT == tl.float32)
     acc = acc * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
-    tl.store(_md(pq_ptr, pid_s * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), acc)
+    tl.store(_md(pq_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), acc)
 
 
 @_jit
@@ -160,10 +165,8 @@ def _extract_partial(
         EMU_BF16: tl.constexpr,
 ):
     """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): running max, Σ exp(s − max) and Σ exp(s − max) W."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = pmx_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -186,7 +189,7 @@ def _extract_partial(
         ssum = ssum * alpha + tl.sum(e, 1)
         acc = acc * alpha[:, None] + tl.dot(_cast(e, DT, EMU_BF16), w, input_precision=PREC, out_dtype=ACC)
         mx = mx_new
-    row = pid_s * tl.num_programs(0) + pid_bh
+    row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
     tl.store(pmx_ptr + row * M_PAD + rm, mx)
     tl.store(pss_ptr + row * M_PAD + rm, ssum)
     tl.store(_md(pacc_ptr, row, rm, rd, M_PAD, D_PAD), acc)
@@ -200,7 +203,7 @@ def _merge_extraction(pmx_ptr, pss_ptr, pacc_ptr, pid_bh, BH, SPLITS, rows, rd,
     ssum = tl.load(pss_ptr + pid_bh * M_PAD + rows)
     acc = tl.load(_md(pacc_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
     for sp in range(1, SPLITS):
-        row = sp * BH + pid_bh
+        row = tl.cast(sp, tl.int64) * BH + pid_bh
         mx_s = tl.load(pmx_ptr + row * M_PAD + rows)
         mx_new = tl.maximum(mx, mx_s)
         a_old = tl.exp(mx - mx_new)
@@ -221,9 +224,8 @@ def _combine_contract(
     """Merges the partial extractions into lse and Z = A W, forms Q = Q_ini + ηZ (all stored), then C = P Q with
     P = softmax(s·Q Qᵀ) by row blocks of BM representatives and an online softmax over column blocks; stores C and
     P's log-sum-exp. Padded rows of Z, Q, C are zero; padded columns are masked out of the softmax."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, _, h = _program(H)
     BH = tl.num_programs(0)
-    h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
@@ -274,7 +276,8 @@ def _gram(x_ptr, y_ptr, pid_bh, rows, cols, D, M_PAD: tl.constexpr, D_PAD: tl.co
 
 @triton.jit
 def _rebuild_at(w, r, lse, n_ok, m_ok, scale, PREC: tl.constexpr, ACC: tl.constexpr):
-    """Aᵀ for one token block, (BLOCK_N, M_PAD): exp(s·W Q_iniᵀ − lse), zero outside the valid tokens/representatives."""
+    """Aᵀ for one token block, (BLOCK_N, M_PAD): exp(s·W Q_iniᵀ − lse), zero outside the valid tokens and
+    representatives."""
     t = tl.dot(w, tl.trans(r), input_precision=PREC, out_dtype=ACC) * scale
     return tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(t - lse[None, :]), 0.)
 
@@ -289,10 +292,8 @@ def _broadcast_fwd(
         EMU_BF16: tl.constexpr,
 ):
     """out = κ Aᵀ C for one token block."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     n0 = tl.program_id(1) * BLOCK_N
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -319,10 +320,8 @@ def _ag_partial(
         EMU_BF16: tl.constexpr,
 ):
     """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK), A rebuilt per token block."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -341,7 +340,7 @@ def _ag_partial(
         s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale
         a = tl.where((n0 + rn < n_end)[None, :] & (rm < M)[:, None], tl.exp(s - lse[:, None]), 0.)
         ag += tl.dot(_cast(a, DT, EMU_BF16), g, input_precision=PREC, out_dtype=ACC)
-    tl.store(_md(pag_ptr, pid_s * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), ag)
+    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), ag)
 
 
 @_jit
@@ -355,9 +354,8 @@ def _contract_bwd(
     = rowsum(∂C ⊙ C), then by row blocks J over column blocks I with P rebuilt from s·Q Qᵀ and its lse:
     ∂Q_J = Σ_I P_IJᵀ ∂C_I + s (∂L_JI + ∂L_IJᵀ) Q_I, ∂L = P ⊙ (∂C Qᵀ − δ); ∂Z = η∂Q, D = δ + rowsum(∂Z ⊙ Z), and
     this (batch, head)'s Σ ∂Q ⊙ Z (∂η) and Σ C ⊙ A G (∂κ). ``dc``, ``delta``: scratch."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, _, h = _program(H)
     BH = tl.num_programs(0)
-    h = pid_bh % H
     ACC = z_ptr.dtype.element_ty
     rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
@@ -368,7 +366,7 @@ def _contract_bwd(
         rows = j0 + rb
         ag = tl.zeros([BM, D_PAD], ACC)
         for sp in range(0, SPLITS):
-            ag += tl.load(_md(pag_ptr, sp * BH + pid_bh, rows, rd, M_PAD, D_PAD))
+            ag += tl.load(_md(pag_ptr, tl.cast(sp, tl.int64) * BH + pid_bh, rows, rd, M_PAD, D_PAD))
         c = tl.load(_md(c_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
         dkap += tl.sum(c * ag, 1)
         tl.store(_md(dc_ptr, pid_bh, rows, rd, M_PAD, D_PAD), kap * ag)
@@ -418,10 +416,8 @@ def _broadcast_bwd(
 ):
     """Over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini per block (written), and the
     chunk's s ∂S W (M_PAD, D_PAD) partial of ∂Q_ini."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
@@ -451,7 +447,7 @@ def _broadcast_bwd(
         tl.store(dw_base + tl.cast(n0, tl.int64) * s_dn + rn[:, None] * s_dn + rd[None, :] * s_dd,
                  _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
         dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)                # ∂S W
-    tl.store(_md(pdr_ptr, pid_s * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), scale * dr)
+    tl.store(_md(pdr_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), scale * dr)
 
 
 @_jit
@@ -463,10 +459,8 @@ def _pool_adjoint(
         EMU_BF16: tl.constexpr,
 ):
     """∂W[P0 + t] += Σ_i [t ∈ window_i] ∂Q_ini[i] / area_i for one block of patch tokens t."""
-    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_bh, b, h = _program(H)
     t0 = tl.program_id(1) * BLOCK_N
-    b = pid_bh // H
-    h = pid_bh % H
     ACC = dr_ptr.dtype.element_ty
     DT = dw_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
