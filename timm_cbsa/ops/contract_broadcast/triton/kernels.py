@@ -11,8 +11,11 @@ rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
 
 Precision. Token products (A·W, W·Q_iniᵀ, …) take the token dtype DT with ``PREC`` ('ieee' or 'tf32' for float32,
 following torch's TF32 setting; ignored for bf16 / fp16) and accumulate in ACC (float32; float64 for float64 tokens,
-interpreter only). The m×m algebra, pooling and its adjoint run on ACC operands with ``MM_PREC`` ('tf32x3' for
-float32: three TF32 products, float32-accurate to ~1e-6 and no scalar-FMA register blow-up; 'ieee' for float64).
+interpreter only). The m×m algebra runs on ACC operands with ``MM_PREC`` ('tf32x3' for float32: three TF32
+tensor-core products, float32-accurate to ~1e-6 without the registers of 'ieee' scalar FMAs; 'ieee' for float64), in
+row blocks of BM = 16 representatives with the d contraction in chunks of DK columns (``_gram``), so no m×m or long-K
+tile lives in registers. Pooling and its adjoint multiply exact 0/1 memberships with the tokens' dtype (float32: two
+TF32 products of the high and low bits, ``_dot_01``).
 
 Pooling (``PoolSpec``): the patch tokens are W[P0 : P0 + GH·GW] on a (GH, GW) grid, representative i = (i // RW,
 i % RW) averages the adaptive window rows [⌊a·GH/RH⌋, ⌈(a+1)·GH/RH⌉) × columns likewise (equal windows are the case
