@@ -164,38 +164,40 @@ def _extract_partial(
         w_ptr, r_ptr, pmx_ptr, pss_ptr, pacc_ptr,
         N, H, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): running max, Σ exp(s − max) and Σ exp(s − max) W."""
+    """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives [pid_r·BM, (pid_r+1)·BM):
+    running max, Σ exp(s − max) and Σ exp(s − max) W."""
     pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
     ACC = pmx_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rows = tl.program_id(2) * BM + tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
     w_base = w_ptr + b * s_wb + h * s_wh
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)                     # Q_ini (M_PAD, D_PAD)
-    mx = tl.full([M_PAD], float('-inf'), ACC)
-    ssum = tl.zeros([M_PAD], ACC)
-    acc = tl.zeros([M_PAD, D_PAD], ACC)
+    mx = tl.full([BM], float('-inf'), ACC)
+    ssum = tl.zeros([BM], ACC)
+    acc = tl.zeros([BM, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)   # (BLOCK_N, D_PAD)
-        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale         # (M_PAD, BLOCK_N)
+        w_tok = w_base + tl.cast(n0, tl.int64) * s_wn
+        s = _tok_rep(w_tok, s_wn, s_wd, n_end - n0, r_ptr, 1., pid_bh, rows, M_PAD, D, M_PAD, D_PAD, BLOCK_N, BM, DK,
+                     PREC, EMU_BF16, True) * scale                                          # (BM, BLOCK_N)
         s = tl.where((n0 + rn < n_end)[None, :], s, float('-inf'))
         mx_new = tl.maximum(mx, tl.max(s, 1))
         alpha = tl.exp(mx - mx_new)
         e = tl.exp(s - mx_new[:, None])
         ssum = ssum * alpha + tl.sum(e, 1)
+        w = _load_tile(w_tok, rn, rd, s_wn, s_wd, n_end - n0, D)                           # (BLOCK_N, D_PAD)
         acc = acc * alpha[:, None] + tl.dot(_cast(e, DT, EMU_BF16), w, input_precision=PREC, out_dtype=ACC)
         mx = mx_new
     row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
-    tl.store(pmx_ptr + row * M_PAD + rm, mx)
-    tl.store(pss_ptr + row * M_PAD + rm, ssum)
-    tl.store(_md(pacc_ptr, row, rm, rd, M_PAD, D_PAD), acc)
+    tl.store(pmx_ptr + row * M_PAD + rows, mx)
+    tl.store(pss_ptr + row * M_PAD + rows, ssum)
+    tl.store(_md(pacc_ptr, row, rows, rd, M_PAD, D_PAD), acc)
 
 
 @triton.jit
@@ -285,29 +287,73 @@ def _rebuild_at(w, r, lse, n_ok, m_ok, scale, PREC: tl.constexpr, ACC: tl.conste
     return tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(t - lse[None, :]), 0.)
 
 
+@triton.jit
+def _tok_rep(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, M, D, M_PAD: tl.constexpr,
+             D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr,
+             EMU_BF16: tl.constexpr, REPS_FIRST: tl.constexpr):
+    """X (y_scale·Y[rows])ᵀ for one token block of X (``x_tok``: its first token, ``n_valid`` tokens, read through
+    strides) and representatives ``rows`` of a (B·H, M_PAD, D_PAD) ACC buffer Y (rows ≥ M read as zero, the factor
+    rounded to the token dtype): (BLOCK_N, BM) in ACC, or its transpose with REPS_FIRST. The d contraction runs in
+    chunks of DK columns, so no product holds a long-K operand (float32 'ieee' products keep whole-K operand rows in
+    registers)."""
+    ACC = y_ptr.dtype.element_ty
+    DT = x_tok.dtype.element_ty
+    rn = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BM, BLOCK_N] if REPS_FIRST else [BLOCK_N, BM], ACC)
+    for k0 in tl.static_range(0, D_PAD, DK):
+        kd = k0 + tl.arange(0, DK)
+        x = _load_tile(x_tok, rn, kd, s_xn, s_xd, n_valid, D)
+        y = _cast(y_scale * tl.load(_md(y_ptr, pid_bh, rows, kd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.),
+                  DT, EMU_BF16)
+        if REPS_FIRST:
+            acc += tl.dot(y, tl.trans(x), input_precision=PREC, out_dtype=ACC)
+        else:
+            acc += tl.dot(x, tl.trans(y), input_precision=PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _broadcast_block(w_tok, s_wn, s_wd, n_valid, r_ptr, c_ptr, lse_ptr, kap, pid_bh, rows, M, D, scale,
+                     M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr,
+                     DK: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
+    """κ Aᵀ[:, rows] C[rows] (BLOCK_N, D_PAD) for one token block and representatives ``rows``."""
+    ACC = lse_ptr.dtype.element_ty
+    DT = w_tok.dtype.element_ty
+    t = _tok_rep(w_tok, s_wn, s_wd, n_valid, r_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                 EMU_BF16, False)
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    at = tl.where((tl.arange(0, BLOCK_N) < n_valid)[:, None] & (rows < M)[None, :], tl.exp(t * scale - lse[None, :]),
+                  0.)
+    ck = _cast(kap * tl.load(_md(c_ptr, pid_bh, rows, tl.arange(0, D_PAD), M_PAD, D_PAD), mask=(rows < M)[:, None],
+                             other=0.), DT, EMU_BF16)
+    return tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)
+
+
 @_jit
 def _broadcast_fwd(
         w_ptr, r_ptr, kap_ptr, lse_ptr, c_ptr, out_ptr,
         N, H, M, D, scale,
         s_wb, s_wh, s_wn, s_wd,
         s_ob, s_oh, s_on, s_od,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """out = κ Aᵀ C for one token block."""
+    """out = κ Aᵀ C for one token block, summed over blocks of BM representatives."""
     pid_bh, b, h = _program(H)
     n0 = tl.program_id(1) * BLOCK_N
-    ACC = lse_ptr.dtype.element_ty
-    DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
-    w = _load_tile(w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
-    lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
-    at = _rebuild_at(w, r, lse, rn < N - n0, rm < M, scale, PREC, ACC)                      # (BLOCK_N, M_PAD)
-    out = tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)          # κ Aᵀ C
+    w_tok = w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn
+    kap = tl.load(kap_ptr + h)
+    if BM == M_PAD:
+        out = _broadcast_block(w_tok, s_wn, s_wd, N - n0, r_ptr, c_ptr, lse_ptr, kap, pid_bh, rb, M, D, scale,
+                               M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
+    else:
+        out = tl.zeros([BLOCK_N, D_PAD], lse_ptr.dtype.element_ty)
+        for j0 in range(0, M, BM):
+            out += _broadcast_block(w_tok, s_wn, s_wd, N - n0, r_ptr, c_ptr, lse_ptr, kap, pid_bh, j0 + rb, M, D,
+                                    scale, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
     mask = (rn[:, None] < N - n0) & (rd[None, :] < D)
     o_ptr = out_ptr + b * s_ob + h * s_oh + tl.cast(n0, tl.int64) * s_on + rn[:, None] * s_on + rd[None, :] * s_od
     tl.store(o_ptr, _cast(out, out_ptr.dtype.element_ty, EMU_BF16), mask=mask)
@@ -319,31 +365,31 @@ def _ag_partial(
         N, H, M, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
         s_gb, s_gh, s_gn, s_gd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK), A rebuilt per token block."""
+    """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives [pid_r·BM, (pid_r+1)·BM), A rebuilt
+    per token block."""
     pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rows = tl.program_id(2) * BM + tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
     w_base = w_ptr + b * s_wb + h * s_wh
     g_base = g_ptr + b * s_gb + h * s_gh
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
-    lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    ag = tl.zeros([M_PAD, D_PAD], ACC)
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    ag = tl.zeros([BM, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)
+        s = _tok_rep(w_base + tl.cast(n0, tl.int64) * s_wn, s_wn, s_wd, n_end - n0, r_ptr, 1., pid_bh, rows, M_PAD, D,
+                     M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16, True) * scale
+        a = tl.where((n0 + rn < n_end)[None, :] & (rows < M)[:, None], tl.exp(s - lse[:, None]), 0.)
         g = _load_tile(g_base + tl.cast(n0, tl.int64) * s_gn, rn, rd, s_gn, s_gd, n_end - n0, D)
-        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale
-        a = tl.where((n0 + rn < n_end)[None, :] & (rm < M)[:, None], tl.exp(s - lse[:, None]), 0.)
         ag += tl.dot(_cast(a, DT, EMU_BF16), g, input_precision=PREC, out_dtype=ACC)
-    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), ag)
+    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rows, rd, M_PAD, D_PAD), ag)
 
 
 @_jit
@@ -451,6 +497,84 @@ def _broadcast_bwd(
                  _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
         dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)                # ∂S W
     tl.store(_md(pdr_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), scale * dr)
+
+
+@triton.jit
+def _score_grad_block(w_tok, g_tok, n_valid, r_ptr, c_ptr, dz_ptr, lse_ptr, dd_ptr, kap, pid_bh, rows, M, D, scale,
+                      s_wn, s_wd, s_gn, s_gd, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BM: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
+    """Aᵀ and ∂Sᵀ = Aᵀ ⊙ (G (κC)ᵀ + W ∂Zᵀ − D), (BLOCK_N, BM) in the token dtype, for one token block and the
+    representatives ``rows``."""
+    DT = w_tok.dtype.element_ty
+    t = _tok_rep(w_tok, s_wn, s_wd, n_valid, r_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                 EMU_BF16, False)
+    dat = (_tok_rep(g_tok, s_gn, s_gd, n_valid, c_ptr, kap, pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                    EMU_BF16, False)
+           + _tok_rep(w_tok, s_wn, s_wd, n_valid, dz_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                      EMU_BF16, False))
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    dd = tl.load(dd_ptr + pid_bh * M_PAD + rows, mask=rows < M, other=0.)
+    at = tl.where((tl.arange(0, BLOCK_N) < n_valid)[:, None] & (rows < M)[None, :], tl.exp(t * scale - lse[None, :]),
+                  0.)
+    return _cast(at, DT, EMU_BF16), _cast(at * (dat - dd[None, :]), DT, EMU_BF16)
+
+
+@_jit
+def _broadcast_bwd_blocks(
+        w_ptr, r_ptr, g_ptr, kap_ptr, lse_ptr, c_ptr, dz_ptr, dd_ptr,
+        dw_ptr, pdr_ptr,
+        N, H, M, D, CHUNK, scale,
+        s_wb, s_wh, s_wn, s_wd,
+        s_gb, s_gh, s_gn, s_gd,
+        s_db, s_dh, s_dn, s_dd,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        DR: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+):
+    """``_broadcast_bwd`` in two passes with smaller tiles, ∂Sᵀ rebuilt per block of BM representatives in each.
+    DR False: ∂W = Σ_blocks Aᵀ ∂Z + s ∂Sᵀ Q_ini for the token block pid_s (CHUNK = BLOCK_N; written). DR True: the
+    s ∂S W partial of ∂Q_ini over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives
+    [pid_r·BM, (pid_r+1)·BM)."""
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
+    ACC = lse_ptr.dtype.element_ty
+    DT = w_ptr.dtype.element_ty
+    rb = tl.arange(0, BM)
+    rd = tl.arange(0, D_PAD)
+    rn = tl.arange(0, BLOCK_N)
+    w_base = w_ptr + b * s_wb + h * s_wh
+    g_base = g_ptr + b * s_gb + h * s_gh
+    kap = tl.load(kap_ptr + h)
+    n_start = pid_s * CHUNK
+    n_end = tl.minimum(N, n_start + CHUNK)
+    if DR:
+        rows = tl.program_id(2) * BM + rb
+        dr = tl.zeros([BM, D_PAD], ACC)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            w_tok = w_base + tl.cast(n0, tl.int64) * s_wn
+            _, dst = _score_grad_block(w_tok, g_base + tl.cast(n0, tl.int64) * s_gn, n_end - n0, r_ptr, c_ptr, dz_ptr,
+                                       lse_ptr, dd_ptr, kap, pid_bh, rows, M, D, scale, s_wn, s_wd, s_gn, s_gd,
+                                       M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
+            w = _load_tile(w_tok, rn, rd, s_wn, s_wd, n_end - n0, D)
+            dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)              # ∂S W
+        row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
+        tl.store(_md(pdr_ptr, row, rows, rd, M_PAD, D_PAD), scale * dr)
+    else:
+        w_tok = w_base + tl.cast(n_start, tl.int64) * s_wn
+        g_tok = g_base + tl.cast(n_start, tl.int64) * s_gn
+        dw = tl.zeros([BLOCK_N, D_PAD], ACC)
+        for j0 in range(0, M, BM):
+            rows = j0 + rb
+            at, dst = _score_grad_block(w_tok, g_tok, n_end - n_start, r_ptr, c_ptr, dz_ptr, lse_ptr, dd_ptr, kap,
+                                        pid_bh, rows, M, D, scale, s_wn, s_wd, s_gn, s_gd, M_PAD, D_PAD, BLOCK_N, BM,
+                                        DK, PREC, EMU_BF16)
+            r = tl.load(_md(r_ptr, pid_bh, rows, rd, M_PAD, D_PAD)).to(DT)
+            dz = _cast(tl.load(_md(dz_ptr, pid_bh, rows, rd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.), DT,
+                       EMU_BF16)
+            dw += (tl.dot(at, dz, input_precision=PREC, out_dtype=ACC)                       # Aᵀ ∂Z + s ∂Sᵀ Q_ini
+                   + scale * tl.dot(dst, r, input_precision=PREC, out_dtype=ACC))
+        mask = (rn[:, None] < n_end - n_start) & (rd[None, :] < D)
+        tl.store(dw_ptr + b * s_db + h * s_dh + tl.cast(n_start, tl.int64) * s_dn + rn[:, None] * s_dn
+                 + rd[None, :] * s_dd, _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
 @_jit
