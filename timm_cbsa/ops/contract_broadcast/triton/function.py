@@ -82,9 +82,18 @@ TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, ...], Tuple[int, ...], T
 }
 
 
-def pad(x: int) -> int:
-    """m or d padded for the kernels: the next power of two ≥ 16."""
-    return max(16, 1 << (int(x) - 1).bit_length())
+M_PADS = (16, 64, 128)      # the padded m and d the kernels are compiled for (powers of two; m and d are runtime masks,
+D_PADS = (32, 64, 128)      # so three sizes each bound the compiled variants: m = 17..64 all run as M_PAD = 64)
+
+
+def pad_m(m: int) -> int:
+    """m padded for the kernels: the smallest of ``M_PADS`` ≥ m."""
+    return next((p for p in M_PADS if m <= p), 2 * M_PADS[-1])
+
+
+def pad_d(d: int) -> int:
+    """d padded for the kernels: the smallest of ``D_PADS`` ≥ d."""
+    return next((p for p in D_PADS if d <= p), 2 * D_PADS[-1])
 
 
 class Config(NamedTuple):
@@ -142,7 +151,7 @@ def shared_memory_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dt
     ``limit`` bytes of shared memory per block: no spill-free configuration in ``TABLE``, or too much shared memory."""
     reasons = []
     for dt, k in _kinds(dtype):
-        entry = TABLE.get((arch, k, pad(num_reps), pad(head_dim)))
+        entry = TABLE.get((arch, k, pad_m(num_reps), pad_d(head_dim)))
         what = f'm={num_reps}, d={head_dim}, {dt}' + (f' ({k} products)' if dt == torch.float32 else '')
         if entry is None:
             reasons.append(f'{what}: no configuration of the kernels compiles without register spills on sm_{arch} '
@@ -277,7 +286,7 @@ def _plan(w: torch.Tensor, m: int, arch: Optional[int] = None) -> _Plan:
     emu = w.dtype == torch.bfloat16 and _interpreting()
     sd = torch.float64 if w.dtype == torch.float64 else torch.float32
     prec = fp32_precision() if w.dtype == torch.float32 else ('ieee' if w.dtype == torch.float64 else 'tf32')
-    mp, dp = pad(m), pad(d)
+    mp, dp = pad_m(m), pad_d(d)
     return _Plan(B, H, N, m, d, mp, dp, torch.float32 if emu else w.dtype, sd, prec,
                  'ieee' if sd == torch.float64 else 'tf32x3', 'ieee' if sd == torch.float64 else 'tf32', emu,
                  config(w.dtype, prec, mp, dp, arch))

@@ -297,19 +297,30 @@ def _tok_rep(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, M, D, M_P
     chunks of DK columns, so no product holds a long-K operand (float32 'ieee' products keep whole-K operand rows in
     registers)."""
     ACC = y_ptr.dtype.element_ty
-    DT = x_tok.dtype.element_ty
     rn = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BM, BLOCK_N] if REPS_FIRST else [BLOCK_N, BM], ACC)
-    for k0 in tl.static_range(0, D_PAD, DK):
-        kd = k0 + tl.arange(0, DK)
-        x = _load_tile(x_tok, rn, kd, s_xn, s_xd, n_valid, D)
-        y = _cast(y_scale * tl.load(_md(y_ptr, pid_bh, rows, kd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.),
-                  DT, EMU_BF16)
-        if REPS_FIRST:
-            acc += tl.dot(y, tl.trans(x), input_precision=PREC, out_dtype=ACC)
-        else:
-            acc += tl.dot(x, tl.trans(y), input_precision=PREC, out_dtype=ACC)
+    if DK == D_PAD:
+        acc = _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, tl.arange(0, DK), M, D,
+                             M_PAD, D_PAD, PREC, EMU_BF16, REPS_FIRST)
+    else:                                            # a runtime loop: unrolled chunks would all be live at once
+        acc = tl.zeros([BM, BLOCK_N] if REPS_FIRST else [BLOCK_N, BM], ACC)
+        for k0 in range(0, D, DK):
+            acc += _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, k0 + tl.arange(0, DK),
+                                  M, D, M_PAD, D_PAD, PREC, EMU_BF16, REPS_FIRST)
     return acc
+
+
+@triton.jit
+def _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, kd, M, D, M_PAD: tl.constexpr,
+                   D_PAD: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr, REPS_FIRST: tl.constexpr):
+    """``_tok_rep`` over the columns kd."""
+    ACC = y_ptr.dtype.element_ty
+    x = _load_tile(x_tok, rn, kd, s_xn, s_xd, n_valid, D)
+    y = _cast(y_scale * tl.load(_md(y_ptr, pid_bh, rows, kd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.),
+              x_tok.dtype.element_ty, EMU_BF16)
+    if REPS_FIRST:
+        return tl.dot(y, tl.trans(x), input_precision=PREC, out_dtype=ACC)
+    else:
+        return tl.dot(x, tl.trans(y), input_precision=PREC, out_dtype=ACC)
 
 
 @triton.jit
