@@ -9,7 +9,9 @@ Passes over the N×d token tensors per layer (W, G = ∂out, ∂W; Q_ini pooled 
     backward  2 reads of (W, G) + 1 write of ∂W, then one read-add-write of ∂W's patch tokens: A G (∂Z and D need
               all of it) → ∂W and the token sum of ∂Q_ini → ∂W += poolᵀ(∂Q_ini), which is complete only after the
               previous pass. Each arrow is a reduction over all tokens that the next pass needs, so no pass can be
-              merged into its neighbour; with Q_ini given (``r``) the pooling passes drop out.
+              merged into its neighbour; with Q_ini given (``r``) the pooling passes drop out. Where the one-pass
+              backward broadcast spills (``Config.bwd_rep_block`` < M_PAD), ∂W and ∂Q_ini's token sum are two
+              passes: one more read of (W, G).
 All reductions over tokens are per-chunk partials merged in a fixed order: results are bitwise reproducible (no
 atomics), so ``torch.use_deterministic_algorithms(True)`` needs nothing else. Scalars reach the kernels as arguments
 and nothing is read back to the host: no synchronisation, CUDA-graph capturable.
@@ -41,11 +43,12 @@ MIN_CAPABILITY = (8, 0)     # tl.dot on tensor cores (mma v2 / wgmma), bf16
 
 # The launch configurations, per target (80: sm_80 / Ampere, also used for 8.x; 90: sm_90 / Hopper and newer), token
 # kind ('half': bf16 / fp16; 'tf32' / 'ieee': float32 with torch's TF32 switch on / off) and (M_PAD, D_PAD):
-# (BLOCK_N, warps) of extraction / broadcast / A G, of the backward broadcast, of pooling and its adjoint, and the
-# most shared memory per block any of the kernels needs. Chosen by compiling candidates ahead of time for both
-# targets (the first in order of preference with zero register spills) and proven by tests/ops/test_triton_compile.py
-# (Triton 3.8): every listed configuration compiles with zero spills and within this shared memory. A missing entry
-# has no spill-free configuration: ``not_supported_reasons`` refuses it.
+# (BLOCK_N, warps, stages, representative block, d chunk) of extraction / broadcast / A G and of the backward
+# broadcast, (BLOCK_N, warps, stages) of pooling and its adjoint, and the most shared memory per block any of the
+# kernels needs (``Config``). Chosen by compiling candidates ahead of time for both targets (``python
+# tests/ops/triton_aot.py --sweep``: the first in order of preference with zero register spills) and proven by
+# tests/ops/test_triton_compile.py (Triton 3.8): every listed configuration compiles with zero spills and within this
+# shared memory. A missing entry has no spill-free configuration: ``not_supported_reasons`` refuses it.
 TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...], int]] = {
     (80, 'half', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 15360),
     (80, 'half', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 28672),
@@ -53,14 +56,27 @@ TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, ...], Tuple[int, ...], T
     (80, 'half', 64, 32): ((64, 4, 2, 64, 32), (64, 8, 2, 64, 32), (64, 4, 2), 36864),
     (80, 'half', 64, 64): ((64, 4, 2, 64, 64), (64, 8, 2, 64, 64), (32, 4, 2), 65536),
     (80, 'half', 64, 128): ((64, 4, 2, 64, 128), (64, 8, 2, 64, 128), (32, 4, 2), 122880),
-    (80, 'ieee', 16, 32): ((32, 4, 2, 16, 32), (32, 8, 2, 16, 32), (32, 4, 2), 18432),
-    (80, 'ieee', 16, 64): ((32, 4, 2, 16, 64), (16, 8, 2, 16, 64), (32, 4, 2), 22528),
-    (80, 'ieee', 64, 32): ((32, 4, 2, 64, 32), (16, 8, 2, 64, 32), (32, 4, 2), 36864),
-    (80, 'tf32', 16, 32): ((32, 4, 2, 16, 32), (32, 8, 2, 16, 32), (32, 4, 2), 24576),
-    (80, 'tf32', 16, 64): ((32, 4, 2, 16, 64), (32, 8, 2, 16, 64), (32, 4, 2), 47104),
-    (80, 'tf32', 16, 128): ((32, 8, 2, 16, 128), (16, 4, 2, 16, 128), (32, 4, 2), 66560),
-    (80, 'tf32', 64, 32): ((32, 4, 2, 64, 32), (32, 8, 2, 64, 32), (32, 4, 2), 61440),
-    (80, 'tf32', 64, 64): ((32, 4, 2, 64, 64), (16, 8, 2, 64, 64), (32, 4, 2), 98304),
+    (80, 'half', 128, 32): ((64, 4, 2, 128, 32), (32, 4, 2, 32, 32), (32, 4, 2), 22784),
+    (80, 'half', 128, 64): ((64, 8, 2, 128, 64), (32, 8, 2, 32, 32), (32, 4, 2), 32768),
+    (80, 'half', 128, 128): ((64, 8, 2, 128, 128), (32, 4, 2, 32, 128), (32, 8, 2), 90368),
+    (80, 'ieee', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 30720),
+    (80, 'ieee', 16, 64): ((64, 4, 2, 16, 64), (16, 8, 2, 16, 64), (64, 4, 2), 40960),
+    (80, 'ieee', 16, 128): ((64, 8, 2, 16, 128), (16, 8, 1, 16, 128), (64, 4, 2), 77824),
+    (80, 'ieee', 64, 32): ((64, 8, 2, 64, 32), (16, 8, 2, 64, 32), (32, 4, 2), 40960),
+    (80, 'ieee', 64, 64): ((32, 8, 2, 64, 64), (16, 8, 1, 64, 64), (32, 4, 2), 61440),
+    (80, 'ieee', 64, 128): ((16, 8, 1, 64, 128), (32, 8, 2, 32, 32), (32, 8, 2), 45312),
+    (80, 'ieee', 128, 32): ((32, 8, 2, 128, 32), (16, 8, 1, 128, 32), (32, 8, 2), 67584),
+    (80, 'ieee', 128, 64): ((16, 8, 1, 128, 64), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (80, 'ieee', 128, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (16, 8, 2), 65536),
+    (80, 'tf32', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 38912),
+    (80, 'tf32', 16, 64): ((64, 4, 2, 16, 64), (32, 4, 2, 16, 64), (64, 4, 2), 45056),
+    (80, 'tf32', 16, 128): ((64, 4, 2, 16, 128), (16, 4, 2, 16, 128), (64, 4, 2), 77824),
+    (80, 'tf32', 64, 32): ((64, 4, 2, 64, 32), (64, 8, 2, 64, 32), (32, 4, 2), 81920),
+    (80, 'tf32', 64, 64): ((64, 4, 2, 64, 64), (16, 8, 2, 64, 64), (32, 4, 2), 98304),
+    (80, 'tf32', 64, 128): ((64, 8, 2, 64, 128), (32, 8, 2, 32, 32), (32, 8, 2), 114688),
+    (80, 'tf32', 128, 32): ((64, 4, 2, 128, 32), (32, 4, 2, 32, 32), (32, 8, 2), 32768),
+    (80, 'tf32', 128, 64): ((64, 8, 2, 128, 64), (32, 4, 2, 32, 64), (32, 8, 2), 65536),
+    (80, 'tf32', 128, 128): ((32, 8, 2, 128, 128), (32, 8, 2, 32, 32), (16, 8, 2), 98304),
     (90, 'half', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 15360),
     (90, 'half', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 30720),
     (90, 'half', 16, 128): ((64, 4, 2, 16, 128), (64, 8, 2, 16, 128), (64, 4, 2), 61440),
@@ -70,15 +86,24 @@ TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, ...], Tuple[int, ...], T
     (90, 'half', 128, 32): ((64, 4, 2, 128, 32), (64, 8, 2, 128, 32), (32, 4, 2), 45056),
     (90, 'half', 128, 64): ((64, 4, 2, 128, 64), (32, 8, 2, 128, 64), (32, 8, 2), 102400),
     (90, 'half', 128, 128): ((64, 8, 2, 128, 128), (32, 8, 2, 128, 128), (32, 8, 2), 188416),
-    (90, 'ieee', 16, 32): ((32, 4, 2, 16, 32), (32, 8, 2, 16, 32), (32, 4, 2), 18432),
-    (90, 'ieee', 16, 64): ((32, 4, 2, 16, 64), (16, 8, 2, 16, 64), (32, 4, 2), 22528),
-    (90, 'ieee', 64, 32): ((32, 4, 2, 64, 32), (16, 8, 2, 64, 32), (32, 4, 2), 36864),
-    (90, 'tf32', 16, 32): ((32, 4, 2, 16, 32), (32, 8, 2, 16, 32), (32, 4, 2), 24576),
-    (90, 'tf32', 16, 64): ((32, 4, 2, 16, 64), (32, 8, 2, 16, 64), (32, 4, 2), 47104),
-    (90, 'tf32', 16, 128): ((32, 4, 2, 16, 128), (16, 4, 2, 16, 128), (32, 4, 2), 66560),
-    (90, 'tf32', 64, 32): ((32, 4, 2, 64, 32), (32, 8, 2, 64, 32), (32, 4, 2), 57344),
-    (90, 'tf32', 64, 64): ((32, 4, 2, 64, 64), (32, 8, 2, 64, 64), (32, 4, 2), 114688),
-    (90, 'tf32', 128, 32): ((32, 4, 2, 128, 32), (16, 4, 2, 128, 32), (32, 8, 2), 102400),
+    (90, 'ieee', 16, 32): ((64, 4, 2, 16, 32), (32, 8, 2, 16, 32), (64, 4, 2), 22528),
+    (90, 'ieee', 16, 64): ((64, 4, 2, 16, 64), (16, 8, 2, 16, 64), (64, 4, 2), 40960),
+    (90, 'ieee', 16, 128): ((64, 8, 2, 16, 128), (16, 8, 1, 16, 128), (64, 4, 2), 77824),
+    (90, 'ieee', 64, 32): ((64, 4, 2, 64, 32), (16, 8, 2, 64, 32), (64, 4, 2), 40960),
+    (90, 'ieee', 64, 64): ((32, 8, 2, 64, 64), (32, 8, 2, 32, 32), (32, 4, 2), 40960),
+    (90, 'ieee', 64, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (90, 'ieee', 128, 32): ((64, 8, 2, 128, 32), (16, 8, 1, 128, 32), (32, 8, 2), 67584),
+    (90, 'ieee', 128, 64): ((16, 8, 1, 128, 64), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (90, 'ieee', 128, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (16, 8, 2), 65536),
+    (90, 'tf32', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 47104),
+    (90, 'tf32', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 90112),
+    (90, 'tf32', 16, 128): ((64, 4, 2, 16, 128), (16, 4, 2, 16, 128), (64, 4, 2), 77824),
+    (90, 'tf32', 64, 32): ((64, 4, 2, 64, 32), (32, 4, 2, 64, 32), (64, 4, 2), 57344),
+    (90, 'tf32', 64, 64): ((64, 4, 2, 64, 64), (32, 8, 2, 64, 64), (32, 4, 2), 114688),
+    (90, 'tf32', 64, 128): ((64, 8, 2, 64, 128), (16, 8, 2, 64, 128), (32, 8, 2), 188416),
+    (90, 'tf32', 128, 32): ((64, 4, 2, 128, 32), (16, 4, 2, 128, 32), (32, 8, 2), 102400),
+    (90, 'tf32', 128, 64): ((64, 8, 2, 128, 64), (32, 8, 2, 128, 64), (32, 8, 2), 212992),
+    (90, 'tf32', 128, 128): ((64, 8, 2, 128, 128), (32, 8, 2, 32, 32), (16, 8, 2), 196608),
 }
 
 

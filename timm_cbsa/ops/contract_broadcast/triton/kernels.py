@@ -2,12 +2,19 @@
 wiring, ``../naive.py`` for the plain PyTorch twin they are tested against).
 
 Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block
-or a chunk of token blocks. W (N, d) tokens and G = ∂out are read through their strides, with int64 base offsets.
-Everything m×d or smaller lives in ACC-dtype buffers of shape (B·H, M_PAD, D_PAD): m and d are padded to powers of
-two ≥ 16 (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and ``D`` are runtime masks), padded rows and columns
-are zero. Q_ini is kept there in ACC holding values already rounded to the token dtype, so the m×m kernels do not
+or a chunk of token blocks, axis 2 (where present) a block of representatives. W (N, d) tokens and G = ∂out are read
+through their strides, with int64 base offsets. Everything m×d or smaller lives in ACC-dtype buffers of shape
+(B·H, M_PAD, D_PAD): m and d are padded to powers of two (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and
+``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding values already rounded to the token dtype, so the m×m kernels do not
 depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
 rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
+
+Blocks. The token kernels take a representative block ``BM`` and a d chunk ``DK`` (constexprs; BM = M_PAD and
+DK = D_PAD: whole tiles). Products over d then run in chunks of DK columns loaded from memory (``_tok_rep``), and the
+m-wide ones by blocks of BM representatives: a program per block where the result is per representative (extraction,
+A G, ∂S W), a loop over blocks where it is per token (broadcast, ∂W). Whole tiles need no recomputation; blocks hold
+far fewer registers (float32 'ieee' products, which run as scalar FMAs with whole-K operand rows per thread, and
+m = 128 on sm_80 spill otherwise). ``function.TABLE`` picks, per target and padded size, the first spill-free choice.
 
 Precision. Token products (A·W, W·Q_iniᵀ, …) take the token dtype DT with ``PREC`` ('ieee' or 'tf32' for float32,
 following torch's TF32 setting; ignored for bf16 / fp16) and accumulate in ACC (float32; float64 for float64 tokens,
@@ -25,18 +32,20 @@ RH | GH, RW | GW). A token block's 0/1 window membership is built from these bou
 Kernels (forward, then backward). Token passes that reduce over N run on SPLITS chunks per (batch, head) and write
 per-chunk partials that are merged in a fixed order: no atomics anywhere, so every result is bitwise reproducible.
     _pool_partial       (B·H, SPLITS)  Σ over a chunk of the window-averaged tokens → partial Q_ini.
-    _extract_partial    (B·H, SPLITS)  logits s·Q_ini Wᵀ, online log-sum-exp, A W (unnormalised) → partial max,
-                                       Σexp, Σexp·W.
+    _extract_partial    (B·H, SPLITS, ⌈m/BM⌉)  logits s·Q_ini Wᵀ, online log-sum-exp, A W (unnormalised) → partial max,
+                                                Σexp, Σexp·W.
     _combine_contract   (B·H,)         merges the partials → lse, Z = A W, Q = Q_ini + ηZ; then, by row blocks of
                                        BM representatives, C = softmax(s·Q Qᵀ) Q with an online softmax (its
                                        log-sum-exp ``lse_p`` is kept; the m×m P is rebuilt in backward).
     _broadcast_fwd      (B·H, ⌈N/BLOCK_N⌉)  out = κ·exp(s·W Q_iniᵀ − lse) C: the only N×d write.
-    _ag_partial         (B·H, SPLITS)  A G over a chunk.
+    _ag_partial         (B·H, SPLITS, ⌈m/BM⌉)  A G over a chunk.
     _contract_bwd       (B·H,)         merges A G, then the m×m backward by row blocks (formulas in
                                        ``../fused.py``; rowsum(∂C Qᵀ ⊙ P) = ∂C·C needs no m×m reduction):
                                        ∂Q, ∂Z = η∂Q, D = rowsum(∂A ⊙ A), this (batch, head)'s ∂η and ∂κ terms.
     _broadcast_bwd      (B·H, SPLITS)  ∂S = A ⊙ (κC Gᵀ + ∂Z Wᵀ − D); ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini (written);
-                                       partial s ∂S W (the token sum of ∂Q_ini).
+                                       partial s ∂S W (the token sum of ∂Q_ini). One pass, whole tiles.
+    _broadcast_bwd_blocks  the same in two passes with blocks: (B·H, ⌈N/BLOCK_N⌉) ∂W, then (B·H, SPLITS, ⌈m/BM⌉)
+                                       the partials of s ∂S W; ∂S is rebuilt in each (a second read of W and G).
     _pool_adjoint       (B·H, ⌈GH·GW/BLOCK_N⌉)  ∂W[patch tokens] += poolᵀ(∂Q_ini).
 
 ``EMU_BF16`` (interpreter only): the tokens are float32 tensors holding bfloat16 values and every cast to the token
@@ -44,7 +53,7 @@ dtype rounds to bfloat16 in float32 (round to nearest even), because Triton's in
 wrongly and truncates float32 → bf16 casts. Compiled kernels never set it.
 
 Only APIs present in Triton 3.6 and 3.8 (tl.dot with input_precision / out_dtype, masked tl.load / tl.store,
-tl.debug_barrier, constexpr block sizes, ``do_not_specialize``); the kernels also run under ``TRITON_INTERPRET=1``.
+tl.debug_barrier, constexpr block sizes and branches, ``do_not_specialize``); the kernels also run under ``TRITON_INTERPRET=1``.
 """
 import triton
 import triton.language as tl
