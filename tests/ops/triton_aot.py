@@ -7,7 +7,7 @@ target=GPUTarget('cuda', arch, 32))``, the path of Triton's own AOT tool. Regist
 ``cuobjdump --dump-resource-usage`` on the cubin (the CUDA tools bundled in Triton's wheel), shared memory from the
 compiled kernel's metadata.
 
-    python tests/ops/triton_aot.py [--archs 80 90] [--jobs 2] [--exhaustive] [--markdown]   # compile matrix, JSON lines
+    python tests/ops/triton_aot.py [--archs 80 90] [--jobs 2] [--markdown]   # compile matrix, JSON lines
     python tests/ops/triton_aot.py --sweep                     # choose the TABLE (compiles candidate tiles)
 
 Used by test_triton_compile.py. TRITON_INTERPRET must be unset (the kernels must be JIT functions)."""
@@ -178,12 +178,12 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     return rec
 
 
-def matrix(exhaustive: bool = False) -> List[Tuple[str, int, int]]:
-    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS for bf16 and both
-    float32 precisions, which covers every ``TABLE`` entry; fp16 (the table's 'half' entries, like bf16 with another
-    element type) on the registered models' (m, d), on all of them with ``exhaustive``."""
+def matrix() -> List[Tuple[str, int, int]]:
+    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS in every mode, which
+    reaches every ``TABLE`` entry with each element type (the kernels specialise on M_PAD, D_PAD, the tiles and the
+    element types only, so repeated (M_PAD, D_PAD) cost nothing: ``plan`` compiles each distinct launch once)."""
     pairs = list(dict.fromkeys(MODEL_MD + [(m, d) for m in MS for d in DS]))
-    return [(mode, m, d) for mode in MODES for m, d in (MODEL_MD if mode == 'fp16' and not exhaustive else pairs)]
+    return [(mode, m, d) for mode in MODES for m, d in pairs]
 
 
 def accepted(mode: str, m: int, d: int, arch: int) -> bool:
@@ -193,11 +193,11 @@ def accepted(mode: str, m: int, d: int, arch: int) -> bool:
     return not function.shared_memory_reasons(d, m, MODES[mode][0], arch, SMEM_LIMIT[arch])
 
 
-def plan(archs=(80, 90), exhaustive: bool = False):
+def plan(archs=(80, 90)):
     """{(mode, m, d, arch): [launches]} for the accepted entries of the matrix, and the distinct (launch, arch)
     compiles they need, largest tiles first (the longest compiles start first on the workers)."""
     uses, todo = {}, {}
-    for mode, m, d in matrix(exhaustive):
+    for mode, m, d in matrix():
         dtype, prec = MODES[mode]
         for arch in archs:
             if not accepted(mode, m, d, arch):
@@ -213,9 +213,9 @@ def _compile_star(item):
     return item, compile_launch(*item)
 
 
-def run(archs=(80, 90), jobs: int = 2, log=None, exhaustive: bool = False) -> Dict[tuple, List[dict]]:
+def run(archs=(80, 90), jobs: int = 2, log=None) -> Dict[tuple, List[dict]]:
     """Compile every distinct launch once (``jobs`` processes) → {(mode, m, d, arch): [result per kernel]}."""
-    uses, todo = plan(archs, exhaustive)
+    uses, todo = plan(archs)
     done = {}
     with concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as ex:
         for item, res in ex.map(_compile_star, todo):
@@ -229,8 +229,8 @@ def clean(res: dict, arch: int) -> bool:
     return res['ok'] and res['stack'] == 0 and res['local'] == 0 and res['shared'] <= SMEM_LIMIT[arch]
 
 
-GROUPS = {'main': ('_extract_partial', '_broadcast_fwd', '_ag_partial'), 'bwd': ('_broadcast_bwd', '_broadcast_bwd_blocks'),
-          'pool': ('_pool_partial', '_pool_adjoint')}
+GROUPS = {'main': ('_extract_partial', '_broadcast_fwd', '_ag_partial'),
+          'bwd': ('_broadcast_bwd', '_broadcast_bwd_blocks'), 'pool': ('_pool_partial', '_pool_adjoint')}
 # Candidates in order of preference: (BLOCK_N, num_warps, num_stages[, representative block, d chunk]), 'M' / 'D' for
 # M_PAD / D_PAD (numbers above them are clipped). First whole tiles (one pass, nothing recomputed), larger token blocks
 # and software pipelining first; then blocks of representatives and d chunks, which hold smaller tiles (float32
@@ -274,7 +274,8 @@ def _sweep_one(task):
     for cand in candidates(group, mp, dp):
         for arch in [a for a in archs if a not in found]:
             cfg = sweep_config(group, cand, mp, dp)
-            launches = [l for l in dict.fromkeys(record(dtype, prec, mp, dp, arch, True, cfg)) if l.kernel in GROUPS[group]]
+            launches = [l for l in dict.fromkeys(record(dtype, prec, mp, dp, arch, True, cfg))
+                        if l.kernel in GROUPS[group]]
             res = [compile_launch(l, arch) for l in launches]
             tried.append((cand, arch, [(r['kernel'], r.get('registers'), r.get('stack'), r.get('shared'))
                                        for r in res]))
@@ -326,12 +327,13 @@ def table(results: Dict[tuple, List[dict]]) -> str:
     rows: Dict[tuple, Dict[str, str]] = {}
     kernels: List[str] = []
     for (mode, m, d, arch), recs in results.items():
+        cells: Dict[str, str] = {}
         for r in recs:
-            key = (r['arch'], mode, function.pad_m(m), function.pad_d(d))
             kernels += [r['kernel']] if r['kernel'] not in kernels else []
             cell = (f"{r['shared'] // 1024}K/r{r['registers']}" + (f"/stk{r['stack']}" if r['stack'] else '')
                     if r['ok'] else 'FAIL')
-            rows.setdefault(key, {})[r['kernel']] = cell
+            cells[r['kernel']] = cells[r['kernel']] + ' + ' + cell if r['kernel'] in cells else cell   # two passes
+        rows[(arch, mode, function.pad_m(m), function.pad_d(d))] = cells
     head = ['sm', 'mode', 'M_PAD', 'D_PAD'] + [k.strip('_') for k in kernels]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for key in sorted(rows, key=lambda k: (k[0], list(MODES).index(k[1]), k[2], k[3])):
@@ -345,7 +347,6 @@ def _main_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--archs', type=int, nargs='+', default=[80, 90])
     p.add_argument('--jobs', type=int, default=os.cpu_count() or 2)
-    p.add_argument('--exhaustive', action='store_true', help='fp16 on every (m, d) of the matrix, not only the models\'')
     p.add_argument('--markdown', action='store_true', help='print the per-kernel table at the end')
     p.add_argument('--json', default=None, help='write {mode/m/d/arch: results} here')
     p.add_argument('--sweep', action='store_true', help='choose the configurations: print the TABLE entries')
@@ -365,7 +366,7 @@ def main(argv=None):
             print(f'    {k}: {entries[k]},')
         print('}', f'# {time.time() - t0:.0f} s')
         return
-    res = run(tuple(args.archs), args.jobs, log=sys.stdout, exhaustive=args.exhaustive)
+    res = run(tuple(args.archs), args.jobs, log=sys.stdout)
     print(f'# {sum(len(v) for v in res.values())} kernel results, {time.time() - t0:.0f} s', flush=True)
     if args.json:
         with open(args.json, 'w') as f:

@@ -4,9 +4,9 @@ wiring, ``../naive.py`` for the plain PyTorch twin they are tested against).
 Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block
 or a chunk of token blocks, axis 2 (where present) a block of representatives. W (N, d) tokens and G = ∂out are read
 through their strides, with int64 base offsets. Everything m×d or smaller lives in ACC-dtype buffers of shape
-(B·H, M_PAD, D_PAD): m and d are padded to powers of two (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and
-``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding values already rounded to the token dtype, so the m×m kernels do not
-depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
+(B·H, M_PAD, D_PAD): m is padded to 16, 64 or 128 and d to 32, 64 or 128 (``M_PAD``, ``D_PAD``, the only shape
+constexprs: ``M`` and ``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding
+values already rounded to the token dtype, so the m×m kernels do not depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
 rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
 
 Blocks. The token kernels take a representative block ``BM`` and a d chunk ``DK`` (constexprs; BM = M_PAD and
@@ -53,7 +53,8 @@ dtype rounds to bfloat16 in float32 (round to nearest even), because Triton's in
 wrongly and truncates float32 → bf16 casts. Compiled kernels never set it.
 
 Only APIs present in Triton 3.6 and 3.8 (tl.dot with input_precision / out_dtype, masked tl.load / tl.store,
-tl.debug_barrier, constexpr block sizes and branches, ``do_not_specialize``); the kernels also run under ``TRITON_INTERPRET=1``.
+tl.debug_barrier, constexpr block sizes and branches, ``do_not_specialize``); the kernels also run under
+``TRITON_INTERPRET=1``.
 """
 import triton
 import triton.language as tl
