@@ -1,11 +1,12 @@
-"""The CBSA Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1): forward and every gradient
-(∂W including the pooled ∂Q_ini, ∂Q_ini when given, ∂η, ∂κ) against the naive twin in float64 on the same inputs:
-float32 (≤ 1e-4 relative), float64 (≤ 1e-10), float16 and bfloat16 (≤ 2e-2 / 3e-2; the step-size gradients, sums
-with cancellation, ≤ 5e-2 / 8e-2; or within twice the error of the naive twin run in that dtype itself). bf16 runs
-through the kernels' interpreter emulation, whose rounding is checked against torch's bf16 cast. Cases (interpreter_cases.py): prefix and trailing tokens (150 class tokens of a
-segmentation decoder, legacy pooling), equal / adaptive / non-square windows, m ∈ {4, 6, 16, 25, 49, 64, 100, 128}, d
-from 16 to 128, odd N, batch > 1, the table's tiles and small blocks (blocks of representatives, d chunks, the
-two-pass backward broadcast) in every dtype; bitwise-equal gradients across two runs in deterministic mode.
+"""The CBSA Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1): forward and every gradient (∂W
+including the pooled ∂Q_ini, ∂Q_ini when given, ∂η, ∂κ) against the naive twin in float64 on the same inputs: float32 (≤
+1e-4 relative), float64 (≤ 1e-10), float16 and bfloat16 (≤ 2e-2 / 3e-2; the step-size gradients, sums with cancellation,
+≤ 5e-2 / 8e-2; or within twice the error of the naive twin run in that dtype itself). bf16 runs through the kernels'
+interpreter emulation, whose rounding is checked against torch's bf16 cast. Cases (interpreter_cases.py): prefix and
+trailing tokens (150 class tokens of a segmentation decoder, legacy pooling), equal / adaptive / non-square windows, m ∈
+{4, 6, 16, 25, 49, 64, 100, 128}, d from 16 to 128, odd N, batch > 1, the table's tiles and small blocks (blocks of
+representatives, d chunks, the two-pass backward broadcast) in every dtype; bitwise-equal gradients across two runs in
+deterministic mode.
 
 TRITON_INTERPRET must be set before the kernels are defined, so the cases run in one subprocess (started once per
 test session); the rest of the suite is unaffected. Skipped where Triton is not installed."""

@@ -1,13 +1,13 @@
 """Triton kernels for CBSA's contract-and-broadcast core (see ``function.py`` for the launches and the autograd
 wiring, ``../naive.py`` for the plain PyTorch twin they are tested against).
 
-Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block
-or a chunk of token blocks, axis 2 (where present) a block of representatives. W (N, d) tokens and G = ∂out are read
-through their strides, with int64 base offsets. Everything m×d or smaller lives in ACC-dtype buffers of shape
-(B·H, M_PAD, D_PAD): m is padded to 16, 64 or 128 and d to 32, 64 or 128 (``M_PAD``, ``D_PAD``, the only shape
-constexprs: ``M`` and ``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding
-values already rounded to the token dtype, so the m×m kernels do not depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
-rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
+Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block or a
+chunk of token blocks, axis 2 (where present) a block of representatives. W (N, d) tokens and G = ∂out are read through
+their strides, with int64 base offsets. Everything m×d or smaller lives in ACC-dtype buffers of shape (B·H, M_PAD,
+D_PAD): m is padded to 16, 64 or 128 and d to 32, 64 or 128 (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and
+``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding values already rounded to
+the token dtype, so the m×m kernels do not depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never
+reaches global memory: every token kernel rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
 
 Blocks. The token kernels take a representative block ``BM`` and a d chunk ``DK`` (constexprs; BM = M_PAD and
 DK = D_PAD: whole tiles). Products over d then run in chunks of DK columns loaded from memory (``_tok_rep``), and the
