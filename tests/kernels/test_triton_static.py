@@ -78,6 +78,8 @@ def test_table_configurations_launch():
             assert 16 <= bm <= mp and mp % bm == 0 and 16 <= dk <= dp and dp % dk == 0, (arch, k, mp, dp, cfg)
             assert bm % cfg.bm == 0
         assert cfg.bwd_rep_block < mp or cfg.bwd_d_chunk == dp
+        # sm_80's table serves every 8.x device: within sm_86 / sm_89's 99 KB; sm_90's within 227 KB
+        assert function.TABLE[(arch, k, mp, dp)][3] <= {80: 99 * 1024, 90: 227 * 1024}[arch], (arch, k, mp, dp)
     assert function.config(torch.bfloat16, 'tf32', 256, 64, 80) is None
     small = function.config(torch.float64, 'ieee', 128, 128, None)
     assert small is not None and small.rep_block == small.bwd_rep_block == small.d_chunk == 16

@@ -24,8 +24,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-# shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin)
-SMEM_LIMIT = {80: 166912, 90: 232448}
+# shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin) that a target's TABLE entries must fit:
+# 80 serves every 8.x device, so the smallest 8.x limit (sm_86 / sm_89: 99 KB; sm_80: 163 KB); 90: sm_90 (227 KB)
+SMEM_LIMIT = {80: 101376, 90: 232448}
 MODES = {'bf16': (torch.bfloat16, 'tf32'), 'fp16': (torch.float16, 'tf32'), 'fp32_tf32': (torch.float32, 'tf32'),
          'fp32_ieee': (torch.float32, 'ieee')}
 MODEL_MD = [(64, 64), (4, 32)]      # cbsa_vit_* / cbt_* (8×8 representatives, d = 64); cbt_nano_patch8_32 (2×2, 32)
