@@ -115,7 +115,10 @@ def pool_representatives(w: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
 @torch.jit.unused
 def _exporting() -> bool:
     """True while torch.onnx.export (TorchScript-based) or torch.export traces the model."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return torch.onnx.is_in_onnx_export() or _torch_export_tracing()
+
+
+_torch_export_tracing = getattr(torch.compiler, 'is_exporting', lambda: False)   # torch >= 2.5 (floor is 2.4)
 
 
 def pool_adjoint(g: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
