@@ -163,10 +163,10 @@ def rgb_folder(tmp_path_factory):
     return root
 
 
-def _direct(model, folder):
+def _direct(model, folder, **args):
     """(top-1 %, {relative path: softmax probabilities}) of ``model`` on an image folder, evaluated here with the
-    model's own data config (what timm's scripts resolve) — no script involved."""
-    cfg = resolve_data_config(model=model)
+    data config timm's scripts resolve (the model's, updated by ``args`` such as img_size) — no script involved."""
+    cfg = resolve_data_config(args, model=model)
     transform = create_transform(**cfg)
     mode = 'L' if cfg['input_size'][0] == 1 else 'RGB'
     probs, correct = {}, []
@@ -194,8 +194,9 @@ TINY = {   # model name, --model-kwargs for the script, the same kwargs for crea
     'cbsa_vit': ('cbsa_vit_tiny_patch16_224', ['depth=2', 'img_size=64', 'rep_grid=2'],
                  dict(depth=2, img_size=64, rep_grid=2)),
     'cbt': ('cbt_tiny', ['depth=2', 'img_size=64', 'rep_grid=2'], dict(depth=2, img_size=64, rep_grid=2)),
-    'vit_attn_layer': ('vit_tiny_patch16_224', ['depth=2', 'img_size=64', 'attn_layer=cbsa'],
-                       dict(depth=2, img_size=64, attn_layer='cbsa')),
+    # a vit_* entrypoint takes no rep_grid: the default 8x8 representatives need an 8x8 patch grid (64 px / 8 px)
+    'vit_attn_layer': ('vit_tiny_patch16_224', ['depth=2', 'img_size=64', 'patch_size=8', 'attn_layer=cbsa'],
+                       dict(depth=2, img_size=64, patch_size=8, attn_layer='cbsa')),
 }
 
 
@@ -222,7 +223,7 @@ def test_plain_timm_script_does_not_know_cbsa():
 def test_benchmark(tmp_path, kind):
     name, kwargs, _ = TINY[kind]
     out = _ok(_run('benchmark.py', '--model', name, '--device', 'cpu', '--bench', 'both', '--num-warm-iter', '1',
-                   '--num-bench-iter', '2', '-b', '2', '--img-size', '64', '--model-kwargs', *kwargs))
+                   '--num-bench-iter', '5', '-b', '2', '--img-size', '64', '--model-kwargs', *kwargs))
     res = _result(out)
     model = _create(kind)
     assert res['param_count'] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -248,9 +249,9 @@ def test_validate_checkpoint(tmp_path, rgb_folder, kind):
     model = _jittered(name, num_classes=3, **kw)
     torch.save(model.state_dict(), tmp_path / 'model.pth')
     res = _result(_ok(_run('validate.py', '--model', name, '--checkpoint', tmp_path / 'model.pth', '--num-classes',
-                           '3', '--data-dir', rgb_folder, '--device', 'cpu', '-b', '6', '-j', '0',
-                           '--model-kwargs', *kwargs)))
-    top1, _ = _direct(model, rgb_folder / 'validation')
+                           '3', '--data-dir', rgb_folder, '--img-size', '64', '--device', 'cpu', '-b', '6', '-j',
+                           '0', '--model-kwargs', *kwargs)))
+    top1, _ = _direct(model, rgb_folder / 'validation', img_size=64)
     assert res['top1'] == pytest.approx(top1, abs=1e-3)
 
 
@@ -315,12 +316,12 @@ def test_onnx_export_and_validate_local_dir(tmp_path, rgb_folder, kind):
     timm_cbsa.save_to_folder(model, tmp_path / 'model')
     _ok(_run('onnx_export.py', tmp_path / 'model.onnx', '--model', f'local-dir:{tmp_path / "model"}',
              '--img-size', '64', '--check-forward'))
-    cfg = resolve_data_config(model=model)
+    cfg = resolve_data_config({'img_size': 64}, model=model)
     out = _ok(_run('onnx_validate.py', rgb_folder / 'validation', '--onnx-input', tmp_path / 'model.onnx',
                    '--img-size', '64', '--crop-pct', cfg['crop_pct'], '--interpolation', cfg['interpolation'],
                    '--mean', *cfg['mean'], '--std', *cfg['std'], '-b', '6', '-j', '0'))
     top1 = float(re.search(r'\* Prec@1 ([0-9.]+)', out).group(1))
-    expected, _ = _direct(model, rgb_folder / 'validation')
+    expected, _ = _direct(model, rgb_folder / 'validation', img_size=64)
     assert top1 == pytest.approx(expected, abs=1e-3)
 
 
