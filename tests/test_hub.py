@@ -136,7 +136,7 @@ def test_save_to_folder_converted_vit_restores_rep_grid_via_card(tmp_path):
     folder = timm_cbsa.save_to_folder(model, tmp_path / 'vit', repo_id='me/vit-cbsa')
     card = _check_card(folder, model, 'me/vit-cbsa', 128)
     assert 'timm_cbsa.configure_cbsa(model, rep_grid=(4, 4), legacy_pool=False)' in card
-    assert '`cbsa` (a converted timm ViT: `attn_layer` is in config.json)' in card
+    assert '`cbsa` (a timm ViT with `attn_layer` set: recorded in config.json)' in card
     plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()   # default rep_grid 8
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():

@@ -74,7 +74,7 @@ def _settings(model: nn.Module, model_args: Dict[str, Any]) -> List[str]:
     arch = model.pretrained_cfg.get('architecture', type(model).__name__)
     lines = [f'- **Architecture:** `{arch}` ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)',
              f'- **Attention layer:** `{attention_kind(model)}`'
-             + (' (a converted timm ViT: `attn_layer` is in config.json)' if 'attn_layer' in model_args else '')]
+             + (' (a timm ViT with `attn_layer` set: recorded in config.json)' if 'attn_layer' in model_args else '')]
     cfg = cbsa_config(model)
     if cfg:
         (rh, rw), n = cfg['rep_grid'], len(find_grid_aware_layers(model))
