@@ -98,7 +98,7 @@ def test_runner_exit_status_matches_plain_python(tmp_path, body):
 def test_runner_signal_reaches_the_script(tmp_path):
     """SIGINT sent to the runner's process is the script's KeyboardInterrupt (its handler runs), as with python."""
     script = tmp_path / 'wait.py'
-    script.write_text('import sys, time\nprint("ready", flush=True)\ntry:\n    time.sleep(60)\n'
+    script.write_text('import sys, time\ntry:\n    print("ready", flush=True)\n    time.sleep(60)\n'
                       'except KeyboardInterrupt:\n    print("interrupted", flush=True)\n    sys.exit(5)\n')
     proc = subprocess.Popen([sys.executable, '-m', 'timm_cbsa.run', str(script)], env=_ENV, stdout=subprocess.PIPE,
                             text=True)
