@@ -111,6 +111,12 @@ class ADE20KSegmentation(torch.utils.data.Dataset):
             return self.transform(image, label)
 
 
+def _stats(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """RGB statistics; one value (a grey model's, e.g. Fashion-MNIST's) is used for all three channels."""
+    mean, std = tuple(mean), tuple(std)
+    return (mean * 3 if len(mean) == 1 else mean), (std * 3 if len(std) == 1 else std)
+
+
 def _to_tv(image: Image.Image, label: np.ndarray):
     from torchvision import tv_tensors
     from torchvision.transforms.v2 import functional as TF
@@ -132,7 +138,7 @@ def train_transform(crop: int, base_size: int, ratio_range: Sequence[float] = (0
         v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(hflip),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
+        v2.Normalize(*_stats(mean, std)),
     ])
 
     def apply(image: Image.Image, label: np.ndarray):
@@ -146,7 +152,7 @@ def eval_transform(base_size: int, mean: Sequence[float] = (0.485, 0.456, 0.406)
     """Shorter side resized to base_size, normalised; the label untouched -> (image (3, h, w), label (H, W) int64)."""
     from torchvision.transforms import v2
     aug = v2.Compose([v2.Resize(base_size, max_size=4 * base_size), v2.ToDtype(torch.float32, scale=True),
-                      v2.Normalize(mean, std)])
+                      v2.Normalize(*_stats(mean, std))])
 
     def apply(image: Image.Image, label: np.ndarray):
         img, _ = _to_tv(image, label[:1, :1])

@@ -7,8 +7,9 @@ No segmentation data set can be downloaded here, so this writes one in the ADE20
   deep field, microscopy, retina, motorcycle, camera man, coins, moon, grass, gravel, brick, cells, clock), resized
   to ``size`` × ``size``; training scenes crop the left three quarters of each photo, validation scenes the held-out
   right quarter;
-* garments: 2-4 Fashion-MNIST images per scene (training split for training scenes, test split for validation
-  scenes), each scaled to 40-64 % of the scene side, tinted with a random colour, and pasted at a random position
+* garments: 3-5 Fashion-MNIST images per scene (training split for training scenes, test split for validation
+  scenes), each scaled to 30-50 % of the scene side (29-48 px in a 96-px scene: about the 32-px scale the
+  Fashion-MNIST models of this package were trained at), tinted with a random colour, and pasted at a random position
   (later garments occlude earlier ones). A garment's mask is its non-zero pixels; the mask is upscaled bilinearly,
   so its border is blended with the background.
 
@@ -37,6 +38,8 @@ BACKGROUND_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_fi
                      'retina', 'stereo_motorcycle', 'camera', 'coins', 'moon', 'grass', 'gravel', 'brick', 'cell',
                      'clock')
 BORDER = (0.25, 0.75)   # garment coverage between these is a blended border pixel: ignored
+SCALE = (0.30, 0.50)    # garment side / scene side (29-48 px in a 96-px scene: near the 32-px Fashion-MNIST models)
+GARMENTS = (3, 5)       # garments per scene, inclusive
 
 
 def load_backgrounds(names: Sequence[str] = BACKGROUND_PHOTOS) -> List[np.ndarray]:
@@ -61,10 +64,12 @@ def _background(photo: np.ndarray, part: str, size: int, rng: np.random.Generato
     return np.asarray(crop.resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
-def _paste(img: np.ndarray, label: np.ndarray, garment: np.ndarray, cls: int, rng: np.random.Generator) -> None:
-    """Paste one 28 × 28 garment (uint8 grey) in place: tinted, scaled, blended at its border; label updated."""
+def _paste(img: np.ndarray, label: np.ndarray, garment: np.ndarray, cls: int, rng: np.random.Generator,
+           scale: Tuple[float, float] = SCALE) -> None:
+    """Paste one 28 × 28 garment (uint8 grey) in place: tinted, scaled to ``scale`` × the scene side, blended at its
+    border; label updated."""
     size = img.shape[0]
-    side = int(size * rng.uniform(0.40, 0.64))
+    side = max(8, int(size * rng.uniform(*scale)))
     top, left = rng.integers(0, size - side + 1, size=2)
     grey = np.asarray(Image.fromarray(garment).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
     cover = np.asarray(Image.fromarray((garment > 0).astype(np.uint8) * 255).resize((side, side), Image.BILINEAR),
@@ -97,7 +102,7 @@ def _write_split(root: str, split: str, n: int, size: int, photos: List[np.ndarr
     counts = np.zeros(12, dtype=np.int64)
     for i in range(n):
         bg = _background(photos[rng.integers(len(photos))], part, size, rng)
-        picks = rng.integers(len(fmnist), size=rng.integers(2, 5))
+        picks = rng.integers(len(fmnist), size=rng.integers(GARMENTS[0], GARMENTS[1] + 1))
         img, label = compose_scene(bg, [(fmnist.images[j], int(fmnist.targets[j])) for j in picks], rng)
         stem = f'scene_{split}_{i:05d}'
         Image.fromarray(img).save(os.path.join(img_dir, stem + '.jpg'), quality=95)
@@ -106,7 +111,7 @@ def _write_split(root: str, split: str, n: int, size: int, photos: List[np.ndarr
     return {('ignored' if v == 0 else GARMENT_SCENE_CLASSES[v - 1]): int(c) for v, c in enumerate(counts)}
 
 
-def write_garment_scenes(out: str, num_train: int = 2000, num_val: int = 200, size: int = 128, seed: int = 0,
+def write_garment_scenes(out: str, num_train: int = 2000, num_val: int = 200, size: int = 96, seed: int = 0,
                          fmnist_dir: Optional[str] = None) -> Dict[str, Dict[str, int]]:
     """Write ``out/ADEChallengeData2016/{images,annotations}/{training,validation}``; returns the pixel counts per
     label and split. Deterministic for a given seed."""
@@ -124,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument('--out', required=True, help='output folder (ADEChallengeData2016/ is created inside)')
     p.add_argument('--train', type=int, default=2000, help='training scenes')
     p.add_argument('--val', type=int, default=200, help='validation scenes')
-    p.add_argument('--size', type=int, default=128, help='scene side in pixels')
+    p.add_argument('--size', type=int, default=96, help='scene side in pixels')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--fmnist-dir', default=None, help='Fashion-MNIST IDX folder (default: the Debian package)')
     a = p.parse_args(argv)

@@ -49,9 +49,11 @@ class Segmenter(nn.Module):
             x, indices=[self.feature_index], norm=True, output_fmt='NCHW', intermediates_only=True)
         return feats[0]
 
-    def forward_head(self, feats: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """(B, C_enc, H_p, W_p) features -> (B, K, H, W) logits for an input of ``size`` = (H, W) pixels."""
-        masks = self.decoder(feats)
+    def forward_head(self, feats: torch.Tensor, size: Tuple[int, int], decoder: Optional[nn.Module] = None
+                     ) -> torch.Tensor:
+        """(B, C_enc, H_p, W_p) features -> (B, K, H, W) logits for an input of ``size`` = (H, W) pixels
+        (``decoder``: another decoder for the same features, e.g. a perturbed copy; default ``self.decoder``)."""
+        masks = (self.decoder if decoder is None else decoder)(feats)
         masks = F.interpolate(masks, size=(feats.shape[2] * self.patch_size, feats.shape[3] * self.patch_size),
                               mode='bilinear', align_corners=False)
         return masks[:, :, :size[0], :size[1]]
