@@ -34,7 +34,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import timm
@@ -322,17 +321,14 @@ def restore(run: Run, ckpt: Dict[str, Any], path: str) -> tuple:
 @torch.no_grad()
 def evaluate(model: nn.Module, val_share, args, device: torch.device, world: int) -> Dict[str, float]:
     """mIoU / pixel accuracy of single-scale sliding-window inference, from the confusion matrix of all ranks."""
-    from timm_cbsa.segmentation import confusion_matrix, segmentation_metrics, slide_inference
+    from timm_cbsa.segmentation import equal_size_batches, logits_confusion, segmentation_metrics, slide_inference
     model.eval()
     conf = torch.zeros(args.num_classes, args.num_classes, dtype=torch.int64, device=device)
     stride = args.eval_stride or args.crop_size
-    for i in range(len(val_share)):
-        img, label = val_share[i]
-        img, label = img[None].to(device), label.to(device)
+    for images, labels in equal_size_batches(val_share, args.eval_batch):
         with _autocast(args, device):
-            logits = slide_inference(model, img, args.crop_size, stride, args.eval_batch)
-        logits = F.interpolate(logits.float(), size=label.shape, mode="bilinear", align_corners=False)
-        conf += confusion_matrix(logits.argmax(1)[0], label, args.num_classes)
+            logits = slide_inference(model, images.to(device), args.crop_size, stride, args.eval_batch)
+        conf += logits_confusion(logits, labels, args.num_classes)
     m = segmentation_metrics(all_sum(conf, world))
     return dict(mIoU=m["mIoU"], pixel_acc=m["pixel_acc"], mAcc=m["mAcc"])
 

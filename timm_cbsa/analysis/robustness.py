@@ -30,7 +30,6 @@ import statistics
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ['SIGMAS', 'PAPER_FIG8', 'attention_parameters', 'perturb_', 'segmentation_curve', 'classification_curve',
@@ -112,23 +111,22 @@ def segmentation_curve(model: nn.Module, dataset, sigmas: Sequence[float], seeds
                        stride: int, device: torch.device, max_batch: int = 8) -> List[Dict[str, object]]:
     """mIoU / pixel accuracy of a Segmenter with noisy decoder attention, for every (σ, seed) and σ = 0.
     ``dataset`` yields (normalised image (3, h, w), label (H, W)) like ``ADE20KSegmentation`` + ``eval_transform``."""
-    from ..segmentation import confusion_matrix, crop_windows, merge_windows, segmentation_metrics, window_boxes
+    from ..segmentation import (
+        crop_windows, equal_size_batches, logits_confusion, merge_windows, segmentation_metrics, window_boxes,
+    )
     model = model.to(device).eval()
     variants = _noisy_copies(model.decoder, sigmas, seeds)
     K = model.num_classes
     confs = [torch.zeros(K, K, dtype=torch.int64, device=device) for _ in variants]
-    for i in range(len(dataset)):
-        img, label = dataset[i]
-        img, label = img[None].to(device), label.to(device)
-        boxes = window_boxes((img.shape[2], img.shape[3]), window, stride)
-        crops = crop_windows(img, boxes)
-        feats = [model.forward_features(model.pad(c)) for c in crops.split(max_batch)]
+    for images, labels in equal_size_batches(dataset, max_batch):
+        images = images.to(device)
+        boxes = window_boxes((images.shape[2], images.shape[3]), window, stride)
+        crops = crop_windows(images, boxes)
+        feats = [model.forward_features(model.pad(c)) for c in crops.split(max_batch)]   # the encoder runs once
         size = (crops.shape[2], crops.shape[3])
         for conf, (_, _, decoder) in zip(confs, variants):
             logits = torch.cat([model.forward_head(f, size, decoder=decoder) for f in feats])
-            logits = merge_windows(logits, boxes, (img.shape[2], img.shape[3]))
-            logits = F.interpolate(logits, size=label.shape, mode='bilinear', align_corners=False)
-            conf += confusion_matrix(logits.argmax(1)[0], label, K)
+            conf += logits_confusion(merge_windows(logits, boxes, (images.shape[2], images.shape[3])), labels, K)
     rows = []
     for conf, (sigma, seed, _) in zip(confs, variants):
         m = segmentation_metrics(conf)

@@ -17,7 +17,7 @@ Labels (annotation PNG values, as in ADE20K): 1 = background, 2..11 = the 10 gar
 boot), 0 = ignored: the blended border pixels whose garment coverage is between 25 % and 75 %. Training labels are
 therefore 0 = background, 1..10 = garments, 11 classes in all.
 
-    python -m timm_cbsa.data.garment_scenes --out data/garment_scenes --train 2000 --val 200
+    python -m timm_cbsa.data.garment_scenes --out output/garment_scenes --train 1500 --val 150
 """
 from __future__ import annotations
 

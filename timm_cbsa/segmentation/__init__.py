@@ -8,13 +8,14 @@ Training: ``python -m train.segment`` (docs/segmentation.md); data: ``timm_cbsa.
 """
 from .decoder import DECODER_DEFAULTS, CBSADecoderBlock, LinearDecoder, MaskTransformer, MHSADecoderBlock, build_decoder
 from .flops import decoder_flops
-from .metrics import IGNORE_INDEX, confusion_matrix, segmentation_metrics
+from .metrics import IGNORE_INDEX, confusion_matrix, logits_confusion, segmentation_metrics
 from .model import (
-    Segmenter, create_segmenter, crop_windows, merge_windows, segmenter_from_config, slide_inference, window_boxes,
+    Segmenter, create_segmenter, crop_windows, equal_size_batches, merge_windows, segmenter_from_config, slide_inference,
+    window_boxes,
 )
 
 __all__ = [
     'DECODER_DEFAULTS', 'CBSADecoderBlock', 'LinearDecoder', 'MaskTransformer', 'MHSADecoderBlock', 'build_decoder',
-    'decoder_flops', 'IGNORE_INDEX', 'confusion_matrix', 'segmentation_metrics', 'Segmenter', 'create_segmenter',
-    'crop_windows', 'merge_windows', 'segmenter_from_config', 'slide_inference', 'window_boxes',
+    'decoder_flops', 'IGNORE_INDEX', 'confusion_matrix', 'logits_confusion', 'segmentation_metrics', 'Segmenter', 'create_segmenter',
+    'crop_windows', 'equal_size_batches', 'merge_windows', 'segmenter_from_config', 'slide_inference', 'window_boxes',
 ]

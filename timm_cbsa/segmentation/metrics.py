@@ -7,11 +7,12 @@
 
 The matrix is additive, so shards of a distributed evaluation are summed (all-reduced) before the metrics.
 """
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ['IGNORE_INDEX', 'confusion_matrix', 'segmentation_metrics']
+__all__ = ['IGNORE_INDEX', 'confusion_matrix', 'logits_confusion', 'segmentation_metrics']
 
 IGNORE_INDEX = 255
 
@@ -28,6 +29,18 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
         raise ValueError(f'target holds labels outside [0, {num_classes}) that are not the ignore index '
                          f'{ignore_index}: found {int(t.min())}..{int(t.max())}.')
     return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def logits_confusion(logits: torch.Tensor, labels: Sequence[torch.Tensor], num_classes: int,
+                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(B, K, h, w) logits and B labels of any sizes -> summed (K, K) confusion matrix: each image's logits are resized
+    bilinearly to its label (the mmseg protocol: evaluation at the annotation's resolution), then arg-maxed."""
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=logits.device)
+    for lg, label in zip(logits.float(), labels):
+        label = label.to(logits.device)
+        lg = F.interpolate(lg[None], size=tuple(label.shape), mode='bilinear', align_corners=False)
+        conf += confusion_matrix(lg.argmax(1)[0], label, num_classes, ignore_index)
+    return conf
 
 
 def segmentation_metrics(conf: torch.Tensor) -> Dict[str, object]:

@@ -11,7 +11,7 @@ cropped back, so any input size works (ViT backbones are built with ``dynamic_im
 ``slide_inference`` is Segmenter's single-scale sliding-window evaluation (window = training crop).
 """
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ import timm
 from .decoder import build_decoder
 
 __all__ = ['Segmenter', 'create_segmenter', 'segmenter_from_config', 'window_boxes', 'crop_windows', 'merge_windows',
-           'slide_inference']
+           'slide_inference', 'equal_size_batches']
 
 _logger = logging.getLogger(__name__)
 
@@ -179,3 +179,19 @@ def slide_inference(predict: Callable[[torch.Tensor], torch.Tensor], img: torch.
     crops = crop_windows(img, boxes)
     logits = torch.cat([predict(c) for c in crops.split(max_batch)])
     return merge_windows(logits, boxes, (img.shape[2], img.shape[3]))
+
+
+def equal_size_batches(dataset: Sequence, max_batch: int) -> Iterator[Tuple[torch.Tensor, List[torch.Tensor]]]:
+    """Evaluation batches: consecutive (image (C, h, w), label) samples of the same image size stacked, at most
+    ``max_batch`` at a time -> (images (B, C, h, w), [labels]). (Labels keep their own sizes.)"""
+    images: List[torch.Tensor] = []
+    labels: List[torch.Tensor] = []
+    for i in range(len(dataset)):
+        img, label = dataset[i]
+        if images and (img.shape != images[0].shape or len(images) == max_batch):
+            yield torch.stack(images), labels
+            images, labels = [], []
+        images.append(img)
+        labels.append(label)
+    if images:
+        yield torch.stack(images), labels
