@@ -31,4 +31,6 @@ from .convert import (  # noqa: E402  (after the models: convert uses configure_
     save_converted,
 )
 
+from .segmentation import create_segmenter  # noqa: E402  (Segmenter-style segmentation, docs/segmentation.md)
+
 __version__ = '0.1.0'

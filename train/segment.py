@@ -39,7 +39,9 @@ from torch import nn
 import timm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
-from timm.utils import ParseKwargs, init_distributed_device, random_seed, setup_default_logging, update_summary
+from timm.utils import (
+    NativeScaler, ParseKwargs, init_distributed_device, random_seed, setup_default_logging, update_summary,
+)
 
 from . import preempt
 from .checkpoint import (
@@ -268,6 +270,7 @@ class Run:
     total_steps: int
     global_step: int = 0
     best_miou: Optional[float] = None
+    scaler: Optional[NativeScaler] = None          # float16 autocast on CUDA: loss scaling
     handler: Optional[preempt.PreemptionHandler] = None
 
 
@@ -290,6 +293,8 @@ def save_checkpoint(run: Run, epoch: int, batches_done: int, metrics: Optional[D
                  batch_size=run.args.batch_size, world_size=run.world, state_dict=run.model.state_dict(),
                  optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), rng_states=rngs,
                  metric=miou, metrics=dict(metrics or {}), best_metric=run.best_miou, timm_version=timm.__version__)
+    if run.scaler is not None:
+        state[run.scaler.state_dict_key] = run.scaler.state_dict()
     atomic_torch_save(state, os.path.join(run.out_dir, LAST))
     if best:
         atomic_torch_save(state, os.path.join(run.out_dir, BEST))
@@ -304,6 +309,8 @@ def restore(run: Run, ckpt: Dict[str, Any], path: str) -> tuple:
     run.model.load_state_dict(ckpt["state_dict"], strict=True)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    if run.scaler is not None and run.scaler.state_dict_key in ckpt:
+        run.scaler.load_state_dict(ckpt[run.scaler.state_dict_key])
     run.global_step, run.best_miou = int(ckpt["global_step"]), ckpt.get("best_metric")
     rngs = ckpt.get("rng_states") or []
     if len(rngs) == run.world:
@@ -367,10 +374,13 @@ def _step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> tor
     with _autocast(run.args, run.device):
         loss = loss_fn(run.train_model(x), y)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if run.args.clip_grad is not None:
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
-    run.optimizer.step()
+    if run.scaler is not None:
+        run.scaler(loss, run.optimizer, clip_grad=run.args.clip_grad, parameters=run.model.parameters())
+    else:
+        loss.backward()
+        if run.args.clip_grad is not None:
+            nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
+        run.optimizer.step()
     run.global_step += 1
     run.scheduler.step_update(num_updates=run.global_step)
     return loss.detach().float()
@@ -494,6 +504,8 @@ def _build_run(args, device: torch.device, out_dir: str):
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
     run = Run(args, device, args.rank, args.world_size, out_dir, model, train_model, optimizer, scheduler, steps, total)
+    if args.amp and args.amp_dtype == "float16" and device.type == "cuda":
+        run.scaler = NativeScaler(device="cuda")
     n_params = sum(p.numel() for p in model.decoder.parameters())
     _logger.info("Segmenter: encoder %s, %s decoder (%.2fM params), %d classes; %d train / %d val images; world %d "
                  "on %s; %d steps", args.model, args.decoder, n_params / 1e6, args.num_classes, len(train_ds),

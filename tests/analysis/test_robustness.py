@@ -128,3 +128,11 @@ def test_cli_classification(tmp_path):
         acc = 100 * sum(int((cbt(x).argmax(-1) == y).sum()) for x, y in batches) / 64
     assert summary[('CBT', 0.0)] == pytest.approx(acc) and acc > 70
     assert summary[('CBT', 1.0)] < acc
+
+
+def test_analysis_cli_entry(capsys):
+    from timm_cbsa.analysis.__main__ import main
+    assert main(['robustness']) == 2
+    assert 'at least one --checkpoint or --model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(['no-such-subcommand'])
