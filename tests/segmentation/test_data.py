@@ -83,7 +83,7 @@ def test_compose_scene_labels():
     rng = np.random.default_rng(0)
     g = np.zeros((28, 28), dtype=np.uint8)
     g[7:21, 7:21] = 200
-    img, label = compose_scene(np.zeros((64, 64, 3), np.float32), [(g, 3)], rng)
+    img, label = compose_scene(np.zeros((64, 64, 3), np.float32), [(g, 3)], rng, scale=(0.9, 0.9))   # 2x upscaled
     assert set(np.unique(label)) <= {0, 1, 5}
     assert (label == 5).sum() > 0 and (label == 0).sum() > 0 and (label == 1).sum() > 0
     # the border ring is thin: every ignored pixel touches a garment pixel within 2 px

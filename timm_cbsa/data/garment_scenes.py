@@ -83,13 +83,14 @@ def _paste(img: np.ndarray, label: np.ndarray, garment: np.ndarray, cls: int, rn
     lab[(cover > BORDER[0]) & (cover < BORDER[1])] = 0                # blended border: ignored
 
 
-def compose_scene(background: np.ndarray, garments: Sequence[Tuple[np.ndarray, int]], rng: np.random.Generator
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) float background + [(28 × 28 uint8 garment, class 0..9)] -> (uint8 image, uint8 annotation)."""
+def compose_scene(background: np.ndarray, garments: Sequence[Tuple[np.ndarray, int]], rng: np.random.Generator,
+                  scale: Tuple[float, float] = SCALE) -> Tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) float background + [(28 × 28 uint8 garment, class 0..9)] -> (uint8 image, uint8 annotation);
+    garment sides ``scale`` × the scene side."""
     img = background.copy()
     label = np.ones(img.shape[:2], dtype=np.uint8)                    # 1 = background
     for garment, cls in garments:
-        _paste(img, label, garment, cls, rng)
+        _paste(img, label, garment, cls, rng, scale)
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), label
 
 
