@@ -17,6 +17,12 @@ end-of-epoch or mid-epoch: ``--checkpoint-interval-steps``, a preemption signal,
 ``--resume auto`` continues the newest checkpoint exactly (model, optimizer, scheduler, position in the epoch, RNG;
 augmentation is seeded per sample). SIGUSR2 / SIGTERM (``train.preempt``) write a checkpoint at the next step
 boundary, then hand the signal to the previous handler (submitit: requeue).
+
+Shared with ``train.train`` through ``train.checkpoint`` (lock, atomic writes, resume search, RNG state) and
+``train.preempt``. Written here until the trainer's refactored public functions exist (to be replaced by them):
+``setup_distributed``, ``all_sum`` (its ``Collectives``), ``_take_run_folder``, ``_setup_logging``, ``_load``
+(``load_checkpoint_file``), ``save_checkpoint`` (its ``Saver``: timm's ranked ``checkpoint-*`` history and fsync'ed
+recovery files; here only ``last`` / ``model_best``), ``NonFiniteLossError`` and the ``--config`` handling.
 """
 from __future__ import annotations
 

@@ -139,3 +139,44 @@ def test_decoder_options_are_checked():
     with pytest.raises(ValueError, match='tokens'):
         block(x, (4, 4))   # 16 tokens cannot be 4x4 patches + 3 class embeddings
     assert F.mse_loss(block(torch.randn(1, 16 + 3, 8), (4, 4)), torch.zeros(1, 19, 8)).isfinite()
+
+
+TRITON_CASE = r'''
+import json, torch
+from timm_cbsa.segmentation import build_decoder
+torch.manual_seed(0)
+feats = torch.randn(1, 16, 12, 11, dtype=torch.float64)
+dec = {b: build_decoder('cbsa', 16, 5, embed_dim=32, num_heads=2, rep_grid=10, depth=1, backend=b).double()
+       for b in ('eager', 'triton')}
+dec['triton'].load_state_dict(dec['eager'].state_dict())
+res = {}
+for b, m in dec.items():
+    f = feats.clone().requires_grad_()
+    out = m(f)
+    out.square().sum().backward()
+    res[b] = (out, f.grad, m.blocks[0].attn.step_x.grad)
+print(json.dumps([float((a - b).abs().max() / b.abs().max()) for a, b in zip(res['triton'], res['eager'])]))
+'''
+
+
+@pytest.mark.slow
+def test_triton_kernels_at_m100_with_class_embeddings():
+    """The Triton kernels (Triton's CPU interpreter, float64, no fallback allowed) on the decoder's layout: 100
+    representatives pooled from a 12 x 11 grid, 5 class embeddings appended; forward and gradients vs eager."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec('triton') is None:
+        pytest.skip('Triton is not installed')
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET='1', TIMM_CBSA_STRICT_BACKEND='1',
+               PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run([sys.executable, '-c', TRITON_CASE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and 'interpreter' in proc.stderr.lower() and 'numpy' in proc.stderr.lower():
+        pytest.skip(f'Triton interpreter unusable here: {proc.stderr.strip().splitlines()[-1]}')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert max(errors) < 1e-10, errors
