@@ -3,7 +3,6 @@ independent evaluation, and the CLI end to end (segmentation and classification 
 import argparse
 import csv
 import os
-import sys
 
 import pytest
 import timm
@@ -15,9 +14,8 @@ from timm_cbsa.data import DEFAULT_FASHION_MNIST_DIR
 from timm_cbsa.data.ade20k import ADE20KSegmentation, eval_transform
 from timm_cbsa.segmentation import confusion_matrix, create_segmenter, segmentation_metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, 'tests', 'segmentation'))
-from test_data import write_ade_folder  # noqa: E402
+from seg_data import write_ade_folder
+
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
 DEC = {'cbsa': dict(embed_dim=12, num_heads=2, rep_grid=2, depth=2), 'mhsa': dict(num_heads=2, depth=2), 'linear': {}}

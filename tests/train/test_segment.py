@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 
+from seg_data import write_ade_folder
 from train import segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, 'tests', 'segmentation'))
-from test_data import write_ade_folder  # noqa: E402
 
 
 @pytest.fixture(scope='module')

@@ -27,7 +27,7 @@ import argparse
 import copy
 import os
 import statistics
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
