@@ -33,6 +33,7 @@ DECODER_DEFAULTS: Dict[str, Dict[str, object]] = {
     'mhsa': dict(depth=2, embed_dim=None, num_heads=None, mlp_ratio=4.0),
     'linear': dict(),
 }
+_ONLY = {'cbsa': {'rep_grid', 'backend'}, 'mhsa': {'mlp_ratio', 'dropout'}}   # options that belong to one block kind
 
 
 class CBSADecoderBlock(nn.Module):
@@ -163,6 +164,3 @@ def build_decoder(kind: str, encoder_dim: int, num_classes: int, grid_size: Opti
     if kind == 'cbsa':
         cfg['grid_size'] = grid_size
     return MaskTransformer(encoder_dim, num_classes, block=kind, **cfg)
-
-
-_ONLY = {'cbsa': {'rep_grid', 'backend'}, 'mhsa': {'mlp_ratio', 'dropout'}}   # options that belong to one block kind
