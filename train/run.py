@@ -254,7 +254,7 @@ class Preemption:
         if threading.current_thread() is threading.main_thread():
             self.handler = preempt.install()
         else:
-            _logger.warning("train.train.main runs outside the main thread: no checkpoint on preemption signals.")
+            _logger.warning("The trainer runs outside the main thread: no checkpoint on preemption signals.")
 
     def due(self, step: int) -> bool:
         """Must the ranks agree on the signal after optimizer step ``step``? One process: as soon as it has one;
