@@ -130,10 +130,12 @@ class Checkpointer:
             return
         metrics = dict(metrics or {})
         metric = metrics.get(self.eval_metric) if complete else None
-        ckpt = {"version": CKPT_FORMAT_VERSION, **self.meta, "epoch": epoch, **self.state.state_dict(),
+        held = self.state.state_dict()
+        ckpt = {"version": CKPT_FORMAT_VERSION, **self.meta, "epoch": epoch,
+                **{k: held.pop(k) for k in ("state_dict", "optimizer", "scheduler")},
                 "metric": metric, "timm_version": timm.__version__, "epoch_complete": complete,
                 "batches_done": batches_done, "global_step": self.state.global_step, "batch_size": self.batch_size,
-                "world_size": self.coll.world, "rng_states": rng, "metrics": metrics}
+                "world_size": self.coll.world, "rng_states": rng, "metrics": metrics, **held}  # held: EMA, scaler
         if complete:
             self.saver.save_checkpoint(ckpt, epoch, metric)
             self.saver.remove_recovery()
