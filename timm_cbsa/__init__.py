@@ -3,8 +3,8 @@
 ``import timm_cbsa`` registers the ``cbsa_vit_*`` and ``cbt_*`` models and the ``attn_layer='cbsa'`` string.
 It also registers the family strings 'cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear' (layers/family.py),
 the pooled layers with a fixed representative grid 'cbsa_r4', 'cbsa_star_r4', 'agent_r4', 'agent_qkv_r4' (r = 1 … 16;
-layers/named.py), and exposes ``convert(model, variant=...)`` for loaded timm ViTs (convert.py). Load hub / local-dir exports of these
-models only after ``import timm_cbsa``.
+layers/named.py), and exposes ``convert(model, variant=...)`` for loaded timm ViTs (convert.py). Load hub / local-dir
+exports of these models only after ``import timm_cbsa``. Checkpoints: ``timm_cbsa.checkpoint`` (docs/checkpoints.md).
 """
 from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 

@@ -61,7 +61,8 @@ def _refused_types(err: BaseException) -> str:
 
 
 def _torch_load(path: str, mmap: bool = False) -> Any:
-    """``torch.load`` weights-only on the CPU, allowing ``argparse.Namespace`` (timm's training checkpoints hold one)."""
+    """``torch.load`` weights-only on the CPU, allowing ``argparse.Namespace`` (timm's training checkpoints have
+    one)."""
     allow = getattr(torch.serialization, 'safe_globals', None)
     with allow([argparse.Namespace]) if allow is not None else contextlib.nullcontext():
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap or None)
@@ -167,7 +168,8 @@ def check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
         if k in expected and k not in optional and tuple(v.shape) != tuple(expected[k].shape))
     if missing or unexpected or mismatched:
         lines = ['Checkpoint does not match the model:']
-        for name, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', mismatched)):
+        for name, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                            ('mis-shaped keys', mismatched)):
             if items:
                 shown = ', '.join(items[:12]) + (f', ... ({len(items)} in all)' if len(items) > 12 else '')
                 lines.append(f'  {name}: {shown}')

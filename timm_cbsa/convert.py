@@ -30,9 +30,9 @@ before the model is touched: on error nothing is converted.
 The converted model records ``attn_layer='<ATTN name>'`` in ``model._model_args``, so ``timm.models.save_for_hf``
 writes it to ``config.json`` and ``timm.create_model('local-dir:DIR' or 'hf-hub:ORG/REPO', pretrained=True)``
 rebuilds the converted architecture (after ``import timm_cbsa``, which registers the names). timm's ViT constructor
-takes no ``rep_grid``, so a non-default one is not in that config: re-apply it with ``configure_cbsa(model,
-rep_grid=...)``. ``save_converted`` records it (``cbsa_config``) and ``load_converted`` refuses weights saved with
-another rep_grid / legacy_pool.
+takes no ``rep_grid``, so a square non-default grid is converted to the registered layer that carries it
+(``rep_grid=4`` → ``attn_layer='agent_qkv_r4'``, layers/named.py). Every layer also records its settings in the
+state dict, and a load with other settings is refused (layers/settings.py).
 """
 import copy
 import logging

@@ -179,7 +179,8 @@ def test_released_weights_refuse_other_settings(tmp_path):
     overlay = dict(file=str(path))
     model = timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay)
     assert model.blocks[0].attn.legacy_pool            # built so, because the file is in the released layout
-    with pytest.raises(CBSAConfigMismatchError, match=r'blocks\.0\.attn \(CBSA\): .*legacy_pool: saved True, model False'):
+    with pytest.raises(CBSAConfigMismatchError,
+                       match=r'blocks\.0\.attn \(CBSA\): .*legacy_pool: saved True, model False'):
         timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay, legacy_pool=False)
     with pytest.raises(CBSAConfigMismatchError, match=r'rep_grid: saved \[8, 8\], model \[4, 4\]'):
         timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay, rep_grid=4)

@@ -37,6 +37,11 @@ ATTN name      class                   projections  operator
 'linear'       ``LinearAttention``     3 (q, k, v)  kernelised linear attention, φ = elu + 1 (Katharopoulos)
 =============  ======================  ===========  ==========================================================
 
+The pooled layers ('cbsa', 'cbsa_star', 'agent', 'agent_qkv') are also registered with a fixed representative grid,
+'NAME_r1' … 'NAME_r16' (layers/named.py), for ViTs built by string. Every layer records the settings that change its
+function without changing a parameter's shape (num_heads, rep_grid, legacy_pool, broadcast) in its state dict
+(layers/settings.py).
+
 Parameter names: single-projection layers follow ``CBSA`` (``qkv`` = Uᵀ of shape C × C, ``norm`` = qk_norm on the
 projected tokens, ``norm_out`` = scale_norm); three-projection layers follow timm's ``Attention`` (``qkv`` of shape
 3C × C, ``q_norm``, ``k_norm``, ``norm``) so that a pretrained ViT's attention weights load into them unchanged.

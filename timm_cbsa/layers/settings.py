@@ -30,15 +30,17 @@ it out of their graphs.
 Loading: a ``load_state_dict`` pre-hook compares the saved record with the layer and raises
 ``CBSAConfigMismatchError`` naming the layer, the setting, both values and the fix. A state dict without a record
 (the released CBT checkpoints, checkpoints of earlier versions of this package, a TorchScript model's state dict)
-has nothing to check: the hook fills in the layer's own record and it loads exactly as before.
+has nothing to check: the hook fills in the layer's own record and it loads exactly as before. (torch 2.4 has no
+public load_state_dict pre-hook: there ``set_extra_state`` checks the record, naming the layer's class rather than
+its path, and a load_state_dict post-hook forgives absent records.)
 """
 from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ['CBSAConfigMismatchError', 'RecordedSettings', 'FORMAT', 'BROADCASTS', 'SETTINGS_KEY', 'describe_differences',
-           'settings_keys']
+__all__ = ['CBSAConfigMismatchError', 'RecordedSettings', 'FORMAT', 'BROADCASTS', 'SETTINGS_KEY',
+           'describe_differences', 'settings_keys']
 
 FORMAT = 1                          # first entry of every record; a record of another format is refused by name
 SETTINGS_KEY = '_extra_state'       # torch's state-dict key for a module's extra state
@@ -89,7 +91,10 @@ class RecordedSettings(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_load_state_dict_pre_hook(_check_saved_settings)
+        if hasattr(self, 'register_load_state_dict_pre_hook'):     # torch >= 2.5
+            self.register_load_state_dict_pre_hook(_check_saved_settings)
+        else:
+            self.register_load_state_dict_post_hook(_forgive_absent_records)
 
     def recorded_settings(self) -> Dict[str, Any]:
         """The settings this layer records, by name (``rep_grid`` as a tuple)."""
@@ -107,8 +112,9 @@ class RecordedSettings(nn.Module):
         return self.settings_record(**self.recorded_settings())
 
     def set_extra_state(self, state: Any) -> None:
-        """Nothing to set: settings are fixed at construction (or by ``configure_cbsa``); the load pre-hook has
-        already checked that ``state`` records this layer's own."""
+        """Nothing to set (settings are fixed at construction or by ``configure_cbsa``): check that ``state`` records
+        this layer's own. (The load pre-hook has done so already, naming the layer's path.)"""
+        _check_record(self, state, type(self).__name__)
 
 
 def _read_record(layer: RecordedSettings, record: Any, where: str) -> Dict[str, Any]:
@@ -122,7 +128,7 @@ def _read_record(layer: RecordedSettings, record: Any, where: str) -> Dict[str, 
         got = (f'{record.dtype} tensor of shape {tuple(record.shape)}: {record.tolist()}'
                if isinstance(record, torch.Tensor) and record.numel() < 16 else type(record).__name__)
         raise CBSAConfigMismatchError(
-            f'{where} ({type(layer).__name__}): the saved settings record is not one this layer reads (expected '
+            f'{where}: the saved settings record is not one this layer reads (expected '
             f'[{FORMAT}, {", ".join(names)}] as {size} integers, got {got}). Was it saved by another layer type, by '
             f'another version of timm_cbsa, or averaged across checkpoints with different settings?')
     ints = [int(v) for v in record.tolist()[1:]]
@@ -152,15 +158,27 @@ def _check_saved_settings(layer: RecordedSettings, state_dict: Dict[str, Any], p
     key = prefix + SETTINGS_KEY
     if key not in state_dict:
         state_dict[key] = layer.get_extra_state()
-        return
-    where = prefix[:-1] or type(layer).__name__
-    saved = _read_record(layer, state_dict[key], where)
+    else:
+        _check_record(layer, state_dict[key], prefix[:-1] or type(layer).__name__)
+
+
+def _forgive_absent_records(layer: RecordedSettings, incompatible_keys) -> None:
+    """load_state_dict post-hook where torch has no public pre-hook: an absent record is not a missing key."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if k.rsplit('.', 1)[-1] != SETTINGS_KEY]
+
+
+def _check_record(layer: RecordedSettings, record: Any, where: str) -> None:
+    """Raise CBSAConfigMismatchError when ``record`` holds other settings than ``layer`` has (``where``: its path)."""
+    name = type(layer).__name__
+    where = name if where == name else f'{where} ({name})'
+    saved = _read_record(layer, record, where)
     current = layer.recorded_settings()
     diffs = describe_differences(saved, current)
     if diffs:
         differing = [n for n in current if saved[n] != current[n]]
         raise CBSAConfigMismatchError(
-            f'{where} ({type(layer).__name__}): the state dict was saved with other settings than this layer has ('
+            f'{where}: the state dict was saved with other settings than this layer has ('
             + '; '.join(diffs) + '): the same weights would compute a different function. '
             + _fix(layer, saved, differing))
 

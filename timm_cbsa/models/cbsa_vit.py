@@ -1,7 +1,8 @@
 """cbsa_vit_*: timm's VisionTransformer configured with CBSA attention (``attn_layer='cbsa'``) — not a fork.
 
 Widths / depths / heads are those of ViT-T/S/B/L; the MLP, norms, class token and position embedding are timm's.
-Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``.
+Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``; the layers are
+built with them, before pretrained weights load (their settings records are checked then).
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
