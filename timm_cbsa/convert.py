@@ -126,7 +126,8 @@ def _check_model(model: Any) -> List[Tuple[str, nn.Module]]:
                 f'supported). Supported: {_SUPPORTED}.')
         kind = attention_kind_of_module(attn)
         if kind != 'attn':
-            already = f" (already converted: attn_layer='{kind}')" if kind in FAMILY_ATTN_LAYERS or kind == 'cbsa' else ''
+            known = base_layer_name(kind) in FAMILY_ATTN_LAYERS or base_layer_name(kind) == 'cbsa'
+            already = f" (already converted: attn_layer='{kind}')" if known else ''
             raise UnsupportedModelError(
                 f'{name}: blocks.{i}.attn is {type(attn).__name__}{already}; convert() starts from timm Attention. '
                 f'Supported: {_SUPPORTED}.')
@@ -284,8 +285,9 @@ def create_with_attention(model_name: str, attn_layer: str, **kwargs) -> nn.Modu
     from timm.models import get_pretrained_cfg, is_model, model_entrypoint
     from timm.models.vision_transformer import ATTN_LAYERS
     if attn_layer not in ATTN_LAYERS:
-        raise ValueError(f'Unknown attn_layer {attn_layer!r}; registered: {sorted(ATTN_LAYERS)} '
-                         '(import timm_cbsa registers the CBSA family).')
+        names = sorted(n for n in ATTN_LAYERS if base_layer_name(n) == n)
+        raise ValueError(f'Unknown attn_layer {attn_layer!r}; registered: {names}, and NAME_r1 ... NAME_r16 for the '
+                         'pooled ones (import timm_cbsa registers the CBSA family).')
     if not is_model(model_name.split('.')[0]):
         return timm.create_model(model_name, attn_layer=attn_layer, **kwargs)   # local-dir: / hf-hub: / timm's error
     module = model_entrypoint(model_name.split('.')[0]).__module__.rsplit('.', 1)[-1]

@@ -225,7 +225,7 @@ default_cfgs = generate_default_cfgs({
 def _pretrained_is_released(cfg) -> bool:
     """Whether the weights ``cfg`` points at (a file or a state dict) are in the released key layout."""
     if cfg.state_dict:
-        return is_released_layout(cfg.state_dict.get('state_dict', cfg.state_dict))
+        return is_released_layout(unwrap_state_dict(cfg.state_dict))
     return bool(cfg.file) and os.path.isfile(cfg.file) and is_released_layout(checkpoint_keys(cfg.file))
 
 
