@@ -37,6 +37,7 @@ from torch import nn
 from ..ops.contract_broadcast import check_request, strict
 from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
 from ._fx import is_fx_tracing, register_notrace_function
+from .named import REP_GRID_NAMES
 from .settings import RecordedSettings
 
 __all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
@@ -283,7 +284,7 @@ def check_rep_grid_fits(patch_embed: nn.Module, layer: GridAwareAttention,
     rh, rw = rep_grid if rep_grid is not None else layer.rep_grid
     if gh >= rh and gw >= rw:
         return
-    r = min(gh, gw)
+    r = min(gh, gw, REP_GRID_NAMES[-1])
     names = f"attn_layer='{layer.attn_name}_r{r}' for timm's ViTs, " if layer.attn_name else ''
     raise ValueError(
         f'The patch grid {gh}x{gw} (img_size {tuple(patch_embed.img_size)}, patch_size '

@@ -76,13 +76,13 @@ def configure_cbsa(
             check_rep_grid_fits(owner.patch_embed, layer, rg)
         plan.append((owner, layers))
     for owner, layers in plan:   # everything checked: now change the model
-        bind_patch_grid(owner, layers)
         for layer in layers:
             if rg is not None:
                 layer.rep_grid = rg
             if legacy_pool is not None:
                 layer.legacy_pool = legacy_pool
             layer.backend = layer.backend if backend is None else backend   # (re)selects the implementation for m
+        bind_patch_grid(owner, layers)
     if plan:
         _record_model_args(model)
     return model

@@ -39,6 +39,7 @@ from ..checkpoint import (
 )
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
+from ..layers.settings import SETTINGS_KEY
 from ._helpers import build_cbsa_model, configure_cbsa, pop_cbsa_kwargs
 
 __all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError',
@@ -174,8 +175,9 @@ def _map_released(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
                 break
         out[k] = v
     for k, v in list(out.items()):
-        if re.fullmatch(r'blocks\.\d+\.attn\.step_rep', k):
-            out[k[:-len('step_rep')] + '_extra_state'] = CBSA.settings_record(num_heads=v.shape[0], **RELEASED_SETTINGS)
+        layer = re.fullmatch(r'(blocks\.\d+\.attn\.)step_rep', k)      # step_rep: (heads, 1, 1)
+        if layer:
+            out[layer.group(1) + SETTINGS_KEY] = CBSA.settings_record(num_heads=v.shape[0], **RELEASED_SETTINGS)
     return out
 
 
