@@ -1,9 +1,10 @@
 """timm_cbsa: Contract-and-Broadcast Self-Attention for timm.
 
 ``import timm_cbsa`` registers the ``cbsa_vit_*`` and ``cbt_*`` models and the ``attn_layer='cbsa'`` string.
-It also registers the family strings 'cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear' (layers/family.py)
-and exposes ``convert(model, variant=...)`` for loaded timm ViTs (convert.py). Load hub / local-dir exports of these
-models only after ``import timm_cbsa``.
+It also registers the family strings 'cbsa_star', 'agent', 'agent_qkv', 'mssa', 'tssa', 'linear' (layers/family.py),
+the pooled layers with a fixed representative grid 'cbsa_r4', 'cbsa_star_r4', 'agent_r4', 'agent_qkv_r4' (r = 1 … 16;
+layers/named.py), and exposes ``convert(model, variant=...)`` for loaded timm ViTs (convert.py). Load hub / local-dir
+exports of these models only after ``import timm_cbsa``. Checkpoints: ``timm_cbsa.checkpoint`` (docs/checkpoints.md).
 """
 from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 
@@ -21,10 +22,15 @@ from .layers.family import (  # noqa: E402  (the CBSA family: 'cbsa_star', 'agen
 
 _ATTN_LAYERS.update(FAMILY_ATTN_LAYERS)
 
-from .models import (  # noqa: E402  (registers models)
-    CBSAConfigMismatchError, CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError, cbsa_config,
-    check_cbsa_config, configure_cbsa, load_official_cbt, read_state_dict,
+from .layers import NAMED_ATTN_LAYERS  # noqa: E402
+
+_ATTN_LAYERS.update(NAMED_ATTN_LAYERS)
+
+from .checkpoint import (  # noqa: E402
+    CBSAConfigMismatchError, CheckpointLoadError, CheckpointMismatchError, UnsafeCheckpointError, load_weights,
+    read_state_dict,
 )
+from .models import cbsa_config, check_cbsa_config, configure_cbsa, load_official_cbt  # noqa: E402  (registers models)
 
 from .convert import (  # noqa: E402  (after the models: convert uses configure_cbsa / CheckpointMismatchError)
     ConversionReport, UnsupportedModelError, attention_kind, convert, create_with_attention, load_converted,

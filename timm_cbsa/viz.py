@@ -59,16 +59,13 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
             return timm.create_model(name, **kwargs).eval()
     if checkpoint:
         state = sd = timm_cbsa.read_state_dict(checkpoint)    # weights only (never unpickles code); errors name the file
-        official = any(k.split('module.', 1)[-1].startswith(('transformer.layers.', 'to_patch_embedding')) for k in sd)
-        if official:
+        if timm_cbsa.checkpoint.is_released_layout(sd):
             variant = name if name.startswith('cbt_') else None
             return timm_cbsa.load_official_cbt(state, variant=variant, **kwargs).eval()
         if 'head.weight' in sd and 'num_classes' not in kwargs:
             kwargs['num_classes'] = int(sd['head.weight'].shape[0])
         model = timm.create_model(name, **kwargs)
-        sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
-        model.load_state_dict(sd, strict=True)
-        return model.eval()
+        return timm_cbsa.load_weights(model, sd).eval()
 
 
 def _input_size(model) -> tuple:

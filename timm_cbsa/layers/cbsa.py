@@ -55,8 +55,10 @@ class CBSA(GridAwareAttention):
         attn_drop: dropout on the extraction matrix A (forces the eager path while training).
         proj_drop: dropout after the output projection.
         norm_layer: norm for qk_norm / scale_norm.
-        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. Default 8 → m = 64.
+        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. None: 8 → m = 64 (or the grid of a
+            registered 'cbsa_r4'-style name, or the model entrypoint's rep_grid=; see ``GridAwareAttention``).
         legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
+            None: False (or the model entrypoint's legacy_pool=).
         grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid
             (see ``layout.py``).
         num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
@@ -68,7 +70,10 @@ class CBSA(GridAwareAttention):
             another device, from static checks (``ops.contract_broadcast.select``).
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens + trailing tokens.
+
+    num_heads, rep_grid and legacy_pool travel in the state dict and are checked on load (``settings.py``).
     """
+    attn_name = 'cbsa'
 
     def __init__(
             self,
@@ -81,8 +86,8 @@ class CBSA(GridAwareAttention):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             norm_layer: Optional[Type[nn.Module]] = None,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
+            rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+            legacy_pool: Optional[bool] = None,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,

@@ -37,6 +37,11 @@ ATTN name      class                   projections  operator
 'linear'       ``LinearAttention``     3 (q, k, v)  kernelised linear attention, φ = elu + 1 (Katharopoulos)
 =============  ======================  ===========  ==========================================================
 
+The pooled layers ('cbsa', 'cbsa_star', 'agent', 'agent_qkv') are also registered with a fixed representative grid,
+'NAME_r1' … 'NAME_r16' (layers/named.py), for ViTs built by string. Every layer records the settings that change its
+function without changing a parameter's shape (num_heads, rep_grid, legacy_pool, broadcast) in its state dict
+(layers/settings.py).
+
 Parameter names: single-projection layers follow ``CBSA`` (``qkv`` = Uᵀ of shape C × C, ``norm`` = qk_norm on the
 projected tokens, ``norm_out`` = scale_norm); three-projection layers follow timm's ``Attention`` (``qkv`` of shape
 3C × C, ``q_norm``, ``k_norm``, ``norm``) so that a pretrained ViT's attention weights load into them unchanged.
@@ -58,6 +63,7 @@ from .config import resolve_backend
 from ..ops.contract_broadcast.naive import attention_weights, extraction
 from .cbsa import check_no_mask
 from .layout import GridAwareAttention
+from .settings import BROADCASTS, RecordedSettings
 from ..ops.contract_broadcast.pooling import pool_representatives
 
 __all__ = [
@@ -160,6 +166,12 @@ torch.fx.wrap('float32_if_half')
 # layers
 # --------------------------------------------------------------------------------------------------------------------
 
+def check_broadcast(broadcast: str) -> str:
+    if broadcast not in BROADCASTS:
+        raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}.")
+    return broadcast
+
+
 def _head_split(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     B, N, C = t.shape
     return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
@@ -170,8 +182,9 @@ def _merge(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(B, N, H * d)
 
 
-class _ProjectedAttention(nn.Module):
-    """Shared constructor: timm's ``Attention`` signature, one (q = k = v) or three projections, output proj."""
+class _ProjectedAttention(RecordedSettings):
+    """Shared constructor: timm's ``Attention`` signature, one (q = k = v) or three projections, output proj.
+    ``num_heads`` (and, below, the pooling settings and ``broadcast``) travel in the state dict (``settings.py``)."""
     shared_qkv: Final[bool]
 
     def __init__(
@@ -337,7 +350,7 @@ class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
                  norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = True,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
+                 rep_grid: Optional[Union[int, Tuple[int, int]]] = None, legacy_pool: Optional[bool] = None,
                  grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
                  backend: Optional[str] = None, device=None, dtype=None):
         _ProjectedAttention.__init__(
@@ -375,19 +388,19 @@ class AgentAttention(_RepresentativeAttention):
     ``'agent'`` has one projection (q = k = v = Uᵀz, as in the paper's Table 4 fair comparison);
     ``'agent_qkv'`` / ``AgentAttentionQKV`` keeps three (``convert(model, 'agent')``).
     """
+    attn_name = 'agent'
+    SETTINGS = GridAwareAttention.SETTINGS + ('broadcast',)
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
                  norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = True,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
+                 rep_grid: Optional[Union[int, Tuple[int, int]]] = None, legacy_pool: Optional[bool] = None,
                  grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
                  backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
         super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
                          shared_qkv=shared_qkv, rep_grid=rep_grid, legacy_pool=legacy_pool, grid_size=grid_size,
                          num_prefix_tokens=num_prefix_tokens, backend=backend, device=device, dtype=dtype)
-        if broadcast not in ('softmax', 'extraction'):
-            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
-        self.broadcast = broadcast
+        self.broadcast = check_broadcast(broadcast)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -409,11 +422,12 @@ class AgentAttention(_RepresentativeAttention):
 
 class AgentAttentionQKV(AgentAttention):
     """``AgentAttention`` with three projections q, k, v (``attn_layer='agent_qkv'``; target of convert 'agent')."""
+    attn_name = 'agent_qkv'
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
                  norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = False,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
+                 rep_grid: Optional[Union[int, Tuple[int, int]]] = None, legacy_pool: Optional[bool] = None,
                  grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
                  backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
         super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
@@ -437,18 +451,19 @@ class CBSAStar(_RepresentativeAttention):
     (so at initialisation it equals those two lines exactly). Parameter names: timm's (``qkv`` 3C × C, ``q_norm``,
     ``k_norm``, ``norm``, ``proj``) plus ``step_rep`` (η) and ``step_x`` (κ) as in ``CBSA``.
     """
+    attn_name = 'cbsa_star'
+    SETTINGS = GridAwareAttention.SETTINGS + ('broadcast',)
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, rep_grid: Union[int, Tuple[int, int]] = 8,
-                 legacy_pool: bool = False, grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
+                 norm_layer: Optional[Type[nn.Module]] = None,
+                 rep_grid: Optional[Union[int, Tuple[int, int]]] = None, legacy_pool: Optional[bool] = None,
+                 grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
                  backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
         super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
                          shared_qkv=False, rep_grid=rep_grid, legacy_pool=legacy_pool, grid_size=grid_size,
                          num_prefix_tokens=num_prefix_tokens, backend=backend, device=device, dtype=dtype)
-        if broadcast not in ('softmax', 'extraction'):
-            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
-        self.broadcast = broadcast
+        self.broadcast = check_broadcast(broadcast)
         self.step_rep = nn.Parameter(torch.ones(num_heads, 1, 1, device=device, dtype=dtype))   # η
         self.step_x = nn.Parameter(torch.ones(num_heads, 1, 1, device=device, dtype=dtype))     # κ
 

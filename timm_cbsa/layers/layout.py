@@ -18,10 +18,18 @@ Binding models built by timm itself: ``timm.create_model('vit_small_patch16_224'
 without calling us, so ``import timm_cbsa`` installs one torch module-registration hook (the smallest hook that sees
 the model: it returns at once unless the assigned child is named ``blocks``, its owner has a ``patch_embed``, and the
 blocks hold grid-aware layers). It is installed lazily, when the first grid-aware layer is constructed.
-``bind_patch_grid(model)`` does the same explicitly and is idempotent.
+``bind_patch_grid(model)`` does the same explicitly and is idempotent. Binding refuses a representative grid larger
+than the model's patch grid, so such a model fails when it is built, not at its first forward.
+
+The representative grid and legacy pooling are fixed when a layer is built: by its arguments, by its registered
+name (``attn_layer='cbsa_r4'``: ``named.py``), or, for the layers of a model built inside ``pooling_defaults(...)``
+(our model entrypoints' ``rep_grid=`` / ``legacy_pool=``), by those defaults — so a model is built with the settings
+its pretrained weights were saved with before they are loaded (``settings.py`` checks them).
 """
+import contextlib
+import contextvars
 import threading
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,11 +37,34 @@ from torch import nn
 from ..ops.contract_broadcast import check_request, strict
 from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
 from ._fx import is_fx_tracing, register_notrace_function
+from .named import REP_GRID_NAMES
+from .settings import RecordedSettings
 
 __all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
-           'check_token_layout']
+           'check_token_layout', 'check_rep_grid_fits', 'pooling_defaults', 'DEFAULT_REP_GRID']
 
 _CALL = threading.local()   # .grid: (H_p, W_p) of the patch embedding that ran last in this thread
+DEFAULT_REP_GRID = 8        # m = 64, the paper's
+_DEFAULTS: contextvars.ContextVar = contextvars.ContextVar('cbsa_pooling_defaults', default={})
+
+
+@contextlib.contextmanager
+def pooling_defaults(rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+                     legacy_pool: Optional[bool] = None) -> Iterator[None]:
+    """Grid-aware layers built inside the block without an explicit ``rep_grid`` / ``legacy_pool`` take these (None:
+    unchanged). Like timm's ``set_layer_config``: construction time only; our model entrypoints use it."""
+    if legacy_pool is not None and not isinstance(legacy_pool, bool):
+        raise ValueError(f'legacy_pool must be True or False, got {legacy_pool!r}.')
+    defaults = dict(_DEFAULTS.get())
+    if rep_grid is not None:
+        defaults['rep_grid'] = to_grid(rep_grid)
+    if legacy_pool is not None:
+        defaults['legacy_pool'] = legacy_pool
+    token = _DEFAULTS.set(defaults)
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
 
 
 def current_patch_grid() -> Optional[Tuple[int, int]]:
@@ -77,14 +108,15 @@ def check_token_layout(
 torch.fx.wrap('check_token_layout')
 
 
-class GridAwareAttention(nn.Module):
+class GridAwareAttention(RecordedSettings):
     """Base class of attention layers that pool representatives on the patch grid (CBSA and its relatives).
 
     Token layout: N = prefix tokens + H_p*W_p patch tokens (raster order) + trailing tokens (e.g. the class
     embeddings a segmentation decoder appends; never pooled).
 
     Attributes (configuration, set at construction, by ``configure_cbsa`` or at binding; never changed by forward):
-        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w.
+        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w. Built from the argument, else the class's
+            ``named_rep_grid`` (the registered 'cbsa_r4'-style names), else ``pooling_defaults``, else 8.
         legacy_pool: pool like the released code (every token but the last: class token in, last patch out).
         grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
         num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
@@ -96,6 +128,9 @@ class GridAwareAttention(nn.Module):
             the request ('' when it does not).
     """
     __jit_unused_properties__ = ['backend']
+    SETTINGS = ('num_heads', 'rep_grid', 'legacy_pool')   # recorded in the state dict (settings.py)
+    attn_name = ''           # the ATTN_LAYERS name of the class (for messages and the 'NAME_rR' names)
+    named_rep_grid = None    # the grid a registered 'NAME_rR' subclass fixes (named.py)
     rep_grid: Tuple[int, int]
     legacy_pool: bool
     grid_size: Optional[Tuple[int, int]]
@@ -105,8 +140,8 @@ class GridAwareAttention(nn.Module):
 
     def __init__(
             self,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
+            rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+            legacy_pool: Optional[bool] = None,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,
@@ -118,15 +153,23 @@ class GridAwareAttention(nn.Module):
 
     def set_pooling(
             self,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
+            rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+            legacy_pool: Optional[bool] = None,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,
     ) -> None:
-        """Set (checked) the pooling configuration; see the class docstring."""
-        self.rep_grid = to_grid(rep_grid)
-        self.legacy_pool = bool(legacy_pool)
+        """Set (checked) the pooling configuration; see the class docstring (None: the construction default)."""
+        defaults: Dict[str, Any] = _DEFAULTS.get()
+        named = type(self).named_rep_grid
+        for source, given in (('rep_grid', rep_grid), ('the model\'s rep_grid', defaults.get('rep_grid'))):
+            if named is not None and given is not None and to_grid(given) != named:
+                raise ValueError(
+                    f"{type(self).__name__} (attn_layer='{self.attn_name}_r{named[0]}') has the representative grid "
+                    f'{named[0]}x{named[1]}, but {source}={given!r} was given: use one or the other.')
+        self.rep_grid = to_grid(next(g for g in (rep_grid, named, defaults.get('rep_grid'), DEFAULT_REP_GRID)
+                                     if g is not None))
+        self.legacy_pool = bool(legacy_pool if legacy_pool is not None else defaults.get('legacy_pool', False))
         self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
         self.num_prefix_tokens = num_prefix_tokens
         if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
@@ -233,17 +276,37 @@ def _is_scriptable() -> bool:
         return False
 
 
+def check_rep_grid_fits(patch_embed: nn.Module, layer: GridAwareAttention,
+                        rep_grid: Optional[Tuple[int, int]] = None) -> None:
+    """Raise a ValueError when ``rep_grid`` (default: the layer's) is larger than the patch grid of ``patch_embed``,
+    naming both grids, the image and patch sizes, and the representative grids that fit."""
+    gh, gw = (int(g) for g in patch_embed.grid_size)
+    rh, rw = rep_grid if rep_grid is not None else layer.rep_grid
+    if gh >= rh and gw >= rw:
+        return
+    r = min(gh, gw, REP_GRID_NAMES[-1])
+    names = f"attn_layer='{layer.attn_name}_r{r}' for timm's ViTs, " if layer.attn_name else ''
+    raise ValueError(
+        f'The patch grid {gh}x{gw} (img_size {tuple(patch_embed.img_size)}, patch_size '
+        f'{tuple(patch_embed.patch_size)}) is smaller than the representative grid {rh}x{rw} of '
+        f'{type(layer).__name__}: use a representative grid of at most {gh}x{gw} ({names}rep_grid={r} for '
+        f"timm_cbsa's models and configure_cbsa), a larger img_size or a smaller patch_size.")
+
+
 def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None,
                     set_prefix: bool = True) -> List[nn.Module]:
     """Connect ``model.patch_embed`` to the grid-aware layers of ``model`` (or ``layers``): sets their static grid,
     prefix count (``model.num_prefix_tokens``, unless ``set_prefix=False``) and ``follow_patch_embed``, and registers
-    a ``PatchGridHook`` (not when building scriptable models). Idempotent. Returns the layers bound."""
+    a ``PatchGridHook`` (not when building scriptable models). Idempotent. Returns the layers bound. Raises a
+    ValueError (``check_rep_grid_fits``) before changing anything when a layer's representative grid does not fit."""
     patch_embed = getattr(model, 'patch_embed', None)
     if patch_embed is None or getattr(patch_embed, 'grid_size', None) is None:
         raise ValueError(
             f'{type(model).__name__} has no patch_embed with a grid_size; CBSA layers need the patch grid. '
             'Pass grid_size= to the layer yourself.')
     layers = find_grid_aware_layers(model) if layers is None else list(layers)
+    for layer in layers:
+        check_rep_grid_fits(patch_embed, layer)
     grid = tuple(int(g) for g in patch_embed.grid_size)
     prefix = getattr(model, 'num_prefix_tokens', None) if set_prefix else None
     hooked = any(isinstance(h, PatchGridHook) for h in patch_embed._forward_hooks.values())
