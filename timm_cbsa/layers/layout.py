@@ -27,8 +27,10 @@ import torch
 from torch import nn
 
 from ..ops.contract_broadcast import check_request, strict
-from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
-from ._fx import is_fx_tracing, register_notrace_function
+from ..ops.contract_broadcast.pooling import PoolSpec, pool_representatives, to_grid
+from ..ops.tracing import fx_leaf, is_fx_tracing
+from .base import ProjectedAttention
+from .config import resolve_backend
 
 __all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
            'check_token_layout']
@@ -42,7 +44,7 @@ def current_patch_grid() -> Optional[Tuple[int, int]]:
 
 
 # input check: FX keeps it as a leaf call (it branches on sizes); torch.fx.wrap must be called in this module
-@register_notrace_function
+@fx_leaf
 def check_token_layout(
         num_tokens: int,
         grid_size: Tuple[int, int],
@@ -77,20 +79,26 @@ def check_token_layout(
 torch.fx.wrap('check_token_layout')
 
 
-class GridAwareAttention(nn.Module):
-    """Base class of attention layers that pool representatives on the patch grid (CBSA and its relatives).
+class GridAwareAttention(ProjectedAttention):
+    """The base of the layers with representatives pooled on the patch grid: CBSA and its family (CBSA*, agent).
 
     Token layout: N = prefix tokens + H_p*W_p patch tokens (raster order) + trailing tokens (e.g. the class
-    embeddings a segmentation decoder appends; never pooled).
+    embeddings a segmentation decoder appends; never pooled). Representatives are the queries (with one projection:
+    the projected tokens) average-pooled on the patch grid (``representatives``).
+
+    Args: timm's ``Attention`` arguments (``ProjectedAttention``), and, by keyword:
+        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. Default 8 → m = 64.
+        legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
+        grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid.
+        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
+        num_trailing_tokens: tokens after the patch tokens that are not pooled.
+        backend: the requested implementation ('auto', 'eager', 'fused', 'sdpa', 'xformers', 'triton'); None: the
+            default of ``config.py``.
 
     Attributes (configuration, set at construction, by ``configure_cbsa`` or at binding; never changed by forward):
-        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w.
-        legacy_pool: pool like the released code (every token but the last: class token in, last patch out).
-        grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
-        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
-        num_trailing_tokens: tokens after the patch tokens.
+        rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens: as above.
         follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
-        backend: the requested implementation ('auto' or a name; assigning it re-selects ``impl``).
+        backend: the requested implementation (assigning it re-selects ``impl``).
         impl: the implementation that runs, chosen by ``select_impl`` from static facts when ``backend`` is set and
             whenever the layer moves to another device (``.to()``, ``.cuda()``); ``impl_note``: why it differs from
             the request ('' when it does not).
@@ -105,26 +113,18 @@ class GridAwareAttention(nn.Module):
 
     def __init__(
             self,
+            dim: int,
+            num_heads: int = 8,
+            *,
             rep_grid: Union[int, Tuple[int, int]] = 8,
             legacy_pool: bool = False,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,
+            backend: Optional[str] = None,
+            **kwargs,
     ):
-        super().__init__()
-        self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
-        self.follow_patch_embed = False
-        _install_registration_hook()
-
-    def set_pooling(
-            self,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
-            grid_size: Optional[Tuple[int, int]] = None,
-            num_prefix_tokens: int = -1,
-            num_trailing_tokens: int = 0,
-    ) -> None:
-        """Set (checked) the pooling configuration; see the class docstring."""
+        super().__init__(dim, num_heads, **kwargs)
         self.rep_grid = to_grid(rep_grid)
         self.legacy_pool = bool(legacy_pool)
         self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
@@ -132,6 +132,19 @@ class GridAwareAttention(nn.Module):
         if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
             raise ValueError(f'num_trailing_tokens must be an int >= 0, got {num_trailing_tokens!r}.')
         self.num_trailing_tokens = num_trailing_tokens
+        self.follow_patch_embed = False
+        self.backend = resolve_backend(backend)     # selects self.impl
+        _install_registration_hook()
+
+    def extra_repr(self) -> str:
+        note = f' ({self.impl_note})' if self.impl_note else ''
+        return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
+                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}, '
+                f'impl={self.impl!r}{note}')
+
+    def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B, H, N, d) queries (projected tokens) -> (B, H, m, d) pooled initial representatives Q_ini."""
+        return pool_representatives(q, self.pool_spec(q.shape[2], grid_size))
 
     @property
     def num_representatives(self) -> int:
@@ -150,6 +163,13 @@ class GridAwareAttention(nn.Module):
         """Layers without the operator (the family's pooled layers) run torch SDPA unless 'eager' is asked for."""
         self.impl = 'eager' if self._backend == 'eager' else 'sdpa'
         self.impl_note = ''
+
+    def runs_sdpa(self) -> bool:
+        """The family's pooled layers: any backend but 'eager' runs torch SDPA (not while attention dropout
+        trains, not under TorchScript)."""
+        if torch.jit.is_scripting():
+            return False
+        return self.impl != 'eager' and not (self.training and self.attn_drop.p > 0)
 
     def check_strict(self) -> None:
         """With TIMM_CBSA_STRICT_BACKEND=1, running another implementation than the requested one is an error."""
