@@ -275,7 +275,7 @@ def create_with_attention(model_name: str, attn_layer: str, **kwargs) -> nn.Modu
     """``timm.create_model(model_name, attn_layer=attn_layer, **kwargs)`` with a clear error for families whose
     attention cannot be chosen by ``attn_layer`` (Eva-family: eva02_*, vit_*_rope_*; CNNs; ...)."""
     import timm
-    from timm.models import get_pretrained_cfg, is_model, model_entrypoint
+    from timm.models import is_model, model_entrypoint
     from timm.models.vision_transformer import ATTN_LAYERS
     if attn_layer not in ATTN_LAYERS:
         raise ValueError(f'Unknown attn_layer {attn_layer!r}; registered: {sorted(ATTN_LAYERS)} '

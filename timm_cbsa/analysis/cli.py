@@ -20,13 +20,19 @@ Adding a subcommand: write a module that exposes
     add_arguments(parser: argparse.ArgumentParser) -> None    adds its options (its docstring is the --help text)
     run(args: argparse.Namespace) -> object                   does the work; ``main`` returns what it returns
 
-and add it to ``SUBCOMMANDS`` (name: (module, one-line help)). Modules are imported when the command line is built.
-A ValueError (bad input) raised by ``run`` ends ``python -m`` with its message and exit status 2.
+and add it to ``SUBCOMMANDS`` (name: (module, one-line help)). An interpretability command, which works on the model
+the shared options describe, exposes ``measure(model, args) -> dict`` instead: it gets the shared options
+(``common.add_model_arguments``) and runs on the model they build (``common.run_on_model``). Modules are imported
+when the command line is built. A ValueError (bad input) raised by a command ends ``python -m`` with its message and
+exit status 2.
 """
 import argparse
+import functools
 import importlib
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
+
+from . import common
 
 __all__ = ['SUBCOMMANDS', 'build_parser', 'console_main', 'main']
 
@@ -45,11 +51,19 @@ def build_parser(prog: str = 'python -m timm_cbsa.analysis') -> argparse.Argumen
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, (module_name, summary) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
+        add_arguments, run = _entry_points(module)
         p = sub.add_parser(name, help=summary, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(run=module.run)
+        add_arguments(p)
+        p.set_defaults(run=run)
     return parser
+
+
+def _entry_points(module) -> Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]:
+    """(add_arguments, run) of a subcommand module (see the module docstring)."""
+    if hasattr(module, 'measure'):
+        return common.add_model_arguments, functools.partial(common.run_on_model, measure=module.measure)
+    return module.add_arguments, module.run
 
 
 def main(argv: Optional[List[str]] = None, prog: str = 'python -m timm_cbsa.analysis'):

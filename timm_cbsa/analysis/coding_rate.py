@@ -13,7 +13,7 @@ so the exact CBSA step ``Z - κ ∇f(Z)`` is eq. (6)/(7) with the constant α wr
 All rates are computed in float64 with a Cholesky factorisation (falls back to slogdet). ε² = 0.01 as in the paper's
 coding-rate hook (§6.8).
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -1,8 +1,8 @@
 """What the interpretability commands share: their options, the model they run on, the inputs, the CSV writer.
 
 Every interpretability command (``attention``, ``coding-rate``, ``zeroshot``, and ``all``) takes the same options
-(``add_model_arguments``), so an invocation of one is valid for every other; ``run_on_model`` builds the model once,
-runs one or more measurements on it without gradients and lists the files written.
+(``add_model_arguments``), so an invocation of one is valid for every other; ``run_on_model`` builds the model,
+runs the command's measurement on it without gradients and lists the files written.
 """
 import argparse
 import csv
@@ -125,15 +125,12 @@ def load_model(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def run_on_model(args: argparse.Namespace, measures: Sequence[Measure]) -> Dict[str, object]:
-    """Build the model once, run ``measures`` on it without gradients (a context, not a global switch: the CLI may
-    run inside another program), print the files in ``args.out``; returns the merged summaries."""
+def run_on_model(args: argparse.Namespace, measure: Measure) -> Dict[str, object]:
+    """Build the model, run ``measure`` on it without gradients (a context, not a global switch: the CLI may run
+    inside another program), print the files in ``args.out``; returns the measurement's summary."""
     os.makedirs(args.out, exist_ok=True)
-    summary = {}
     with torch.no_grad():
-        model = load_model(args)
-        for measure in measures:
-            summary.update(measure(model, args))
+        summary = measure(load_model(args), args)
     files = sorted(f for f in os.listdir(args.out) if f.endswith(('.png', '.csv')))
     print(f'wrote {len(files)} files to {args.out}: ' + ', '.join(files))
     return summary

@@ -6,7 +6,7 @@ included), U_kᵀZ its head-k projection (``CBSA.project``: the single projectio
 layer the value projection is used), ε² = 0.01. Values are averaged over the images of the batch.
 """
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 

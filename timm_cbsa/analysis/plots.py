@@ -119,7 +119,6 @@ def plot_step_rates(rows: List[Dict[str, object]], path: str, kappa_mode: str = 
     plt = _plt()
     rows = [r for r in rows if r['kappa_mode'] == kappa_mode]
     heads = sorted({r['head'] for r in rows})
-    layers = sorted({r['layer'] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0), sharex=True)
     for h in heads:
         rr = sorted((r for r in rows if r['head'] == h), key=lambda r: r['layer'])

@@ -3,8 +3,7 @@
 map (gh, gw) → bilinear upsampling to the image size → threshold (Otsu or mean) → foreground mask → IoU / Jaccard
 against a ground-truth mask. Reported per layer and head, and for the head-averaged map of each layer.
 """
-import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch

@@ -19,12 +19,12 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops.contract_broadcast import contract_and_broadcast, select, warn_once
-from ..ops.contract_broadcast.naive import attention_weights, extraction, similarity, update_contract_broadcast
+from ..ops.contract_broadcast.naive import extraction, update_contract_broadcast
 from ..ops.tracing import is_exporting
 from .base import check_no_mask, split_heads
 from .layout import GridAwareAttention
 
-__all__ = ['CBSA', 'attention_weights', 'similarity', 'check_no_mask']
+__all__ = ['CBSA']
 
 torch.fx.wrap('check_no_mask')   # FX: a leaf call in this module (it branches on its arguments)
 

@@ -60,7 +60,7 @@ from .layout import GridAwareAttention
 
 __all__ = [
     'contract', 'contract_and_broadcast_general', 'channel_rescale_eq13', 'principal_direction_attention_eq12',
-    'agent_broadcast', 'extraction',
+    'agent_broadcast',
     'MSSA', 'TSSA', 'LinearAttention', 'AgentAttention', 'AgentAttentionQKV', 'CBSAStar', 'FAMILY_ATTN_LAYERS',
 ]
 
@@ -253,13 +253,29 @@ class LinearAttention(ProjectedAttention):
         return self.output(y.to(dtype))
 
 
-def _check_broadcast(broadcast: str) -> str:
-    if broadcast not in ('softmax', 'extraction'):
-        raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
-    return broadcast
+class _PooledQueryAttention(GridAwareAttention):
+    """The agent-style layers: representatives R pooled from the queries read the tokens (extraction A =
+    softmax_N(R kᵀ s)); each token then reads the representatives (``broadcast='softmax'``: B = softmax_m(q Rᵀ s))
+    or receives through Aᵀ (``broadcast='extraction'``). Subclasses give the middle (``attend``)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, *, broadcast: str = 'softmax', **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        if broadcast not in ('softmax', 'extraction'):
+            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
+        self.broadcast = broadcast
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        check_no_mask(attn_mask, is_causal)
+        q, k, v = self.project(x)
+        return self.output(self.attend(q, k, v, self.representatives(q, grid_size)))
+
+    def broadcast_matrix(self, q: torch.Tensor, r: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, m): B = softmax_m(q Rᵀ s), or Aᵀ for ``broadcast='extraction'``."""
+        return agent_broadcast(q, r, self.scale) if self.broadcast == 'softmax' else attn.transpose(-2, -1)
 
 
-class AgentAttention(GridAwareAttention):
+class AgentAttention(_PooledQueryAttention):
     """CBSA∨ / Agent Attention (``attn_layer='agent'``): CBSA without the contraction step.
 
         R   = pool(q)                                   m representatives (agents): pooled queries
@@ -271,26 +287,16 @@ class AgentAttention(GridAwareAttention):
     This is what the released ViT-adaptation code computes (paper §3.4; no new parameters). ``broadcast=
     'extraction'`` uses Aᵀ instead of B (the paper's footnote 8: with q = k = v the extraction matrix can broadcast).
     ``'agent'`` has one projection (q = k = v = Uᵀz, as in the paper's Table 4 fair comparison);
-    ``'agent_qkv'`` / ``AgentAttentionQKV`` keeps three (``convert(model, 'agent')``). Any backend but 'eager' runs
-    the softmax broadcast through torch SDPA.
+    ``'agent_qkv'`` / ``AgentAttentionQKV`` keeps three (``convert(model, 'agent')``).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, *, broadcast: str = 'softmax', **kwargs):
-        super().__init__(dim, num_heads, **kwargs)
-        self.broadcast = _check_broadcast(broadcast)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        check_no_mask(attn_mask, is_causal)
-        q, k, v = self.project(x)
-        r = self.representatives(q, grid_size)                     # (B, H, m, d)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, N, d), r (B, H, m, d) -> (B, H, N, d)."""
         if self.broadcast == 'softmax' and self.runs_sdpa():
             va = F.scaled_dot_product_attention(r, k, v, scale=self.scale)
-            return self.output(F.scaled_dot_product_attention(q, r, va, scale=self.scale))
-        attn = self.attn_drop(extraction(r, k, self.scale))        # (B, H, m, N)
-        va = attn @ v                                              # (B, H, m, d)
-        b = agent_broadcast(q, r, self.scale) if self.broadcast == 'softmax' else attn.transpose(-2, -1)
-        return self.output(b @ va)
+            return F.scaled_dot_product_attention(q, r, va, scale=self.scale)
+        attn = self.attn_drop(extraction(r, k, self.scale))        # A (B, H, m, N)
+        return self.broadcast_matrix(q, r, attn) @ (attn @ v)      # B V_a
 
 
 class AgentAttentionQKV(AgentAttention):
@@ -298,7 +304,7 @@ class AgentAttentionQKV(AgentAttention):
     shared_qkv = False
 
 
-class CBSAStar(GridAwareAttention):
+class CBSAStar(_PooledQueryAttention):
     """CBSA* (``attn_layer='cbsa_star'``): CBSA with the three projections of MHSA, contraction kept (paper Fig. 9).
 
         R0  = pool(q)                                   pooled queries
@@ -316,26 +322,16 @@ class CBSAStar(GridAwareAttention):
     shared_qkv = False
     step_init = 'ones'
 
-    def __init__(self, dim: int, num_heads: int = 8, *, broadcast: str = 'softmax', **kwargs):
-        super().__init__(dim, num_heads, **kwargs)
-        self.broadcast = _check_broadcast(broadcast)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        check_no_mask(attn_mask, is_causal)
-        q, k, v = self.project(x)
-        r0 = self.representatives(q, grid_size)                    # (B, H, m, d)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, N, d), r0 (B, H, m, d) -> (B, H, N, d)."""
         if self.broadcast == 'softmax' and self.runs_sdpa():
             r = r0 + self.step_rep * F.scaled_dot_product_attention(r0, k, v, scale=self.scale)
             c = F.scaled_dot_product_attention(r, r, r, scale=self.scale)
-            y = F.scaled_dot_product_attention(q, r, c, scale=self.scale)
-        else:
-            attn = self.attn_drop(extraction(r0, k, self.scale))   # (B, H, m, N)
-            r = update(attn, v, r0, self.step_rep)                 # R0 + η·A v
-            c = contraction(r, self.scale)                         # softmax(R Rᵀ s) R, eq. (8)
-            b = agent_broadcast(q, r, self.scale) if self.broadcast == 'softmax' else attn.transpose(-2, -1)
-            y = b @ c
-        return self.output(self.step_x * y)
+            return self.step_x * F.scaled_dot_product_attention(q, r, c, scale=self.scale)
+        attn = self.attn_drop(extraction(r0, k, self.scale))       # A (B, H, m, N)
+        r = update(attn, v, r0, self.step_rep)                     # R0 + η·A v
+        c = contraction(r, self.scale)                             # softmax(R Rᵀ s) R, eq. (8)
+        return self.step_x * (self.broadcast_matrix(q, r, attn) @ c)
 
 
 # ATTN_LAYERS names registered by ``import timm_cbsa`` (besides 'cbsa')

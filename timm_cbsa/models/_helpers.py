@@ -1,18 +1,28 @@
-"""Shared by the model files: CBSA-specific model kwargs, applied after timm builds the model, and the CBSA
-configuration a saved model records (``cbsa_config`` / ``check_cbsa_config``)."""
+"""Shared by the model files: the size table, entrypoint registration, CBSA-specific model kwargs (applied after timm
+builds the model) and the CBSA configuration a saved model records (``cbsa_config`` / ``check_cbsa_config``)."""
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
+from timm.models import register_model
 
 from ..layers.config import resolve_backend
 from ..layers.layout import bind_patch_grid, find_grid_aware_layers
 from ..ops.contract_broadcast.pooling import to_grid
 
-__all__ = ['CBSA_MODEL_KWARGS', 'pop_cbsa_kwargs', 'configure_cbsa', 'finish_cbsa_model', 'cbsa_config', 'check_cbsa_config',
-           'CBSAConfigMismatchError']
+__all__ = ['CBSA_MODEL_KWARGS', 'VIT_SIZES', 'pop_cbsa_kwargs', 'configure_cbsa', 'finish_cbsa_model', 'cbsa_config',
+           'check_cbsa_config', 'register_entrypoints', 'CBSAConfigMismatchError']
 
 _logger = logging.getLogger(__name__)
+
+# ViT-T/S/B/L: width, depth, heads. The paper's CBT-T/S/B/L (Table 3) have the same; cbsa_vit_* are these ViTs.
+VIT_SIZES = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
 
 # kwargs every CBSA model entrypoint accepts on top of the VisionTransformer ones; they carry no parameters, so they
 # are applied after the model is built
@@ -23,6 +33,22 @@ CONFIG_KEYS = ('rep_grid', 'legacy_pool')
 
 class CBSAConfigMismatchError(ValueError):
     """Saved weights were trained with another CBSA configuration (rep_grid / legacy_pool) than the model has."""
+
+
+def _entrypoint(module: str, name: str, create: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create(name, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__, entrypoint.__doc__ = module, doc
+    return entrypoint
+
+
+def register_entrypoints(module: str, create: Callable[..., nn.Module], docs: Dict[str, str]) -> None:
+    """Register one timm entrypoint per name of ``docs`` (its docstring): ``name(pretrained=False, **kwargs)`` returns
+    ``create(name, pretrained, **kwargs)``. It belongs to ``module`` (whose ``default_cfgs`` hold the pretrained cfgs,
+    and where it becomes an attribute), as if defined there with ``@register_model``."""
+    for name, doc in docs.items():
+        setattr(sys.modules[module], name, register_model(_entrypoint(module, name, create, doc)))
 
 
 def pop_cbsa_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

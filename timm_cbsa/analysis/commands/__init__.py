@@ -1,20 +1,19 @@
-"""The interpretability commands (paper §6.7-6.8). Each module is a subcommand of ``python -m timm_cbsa.analysis``
-(``add_arguments`` / ``run``, see ``cli.py``) and exposes its work on a built model as ``measure(model, args)``.
-They share their options (``common.add_model_arguments``). This package itself is the subcommand ``all``: every
-measurement on one model."""
+"""The interpretability commands (paper §6.7-6.8): subcommands of ``python -m timm_cbsa.analysis`` that work on the
+model their shared options describe (``common.add_model_arguments``). Each module exposes ``measure(model, args)``
+(see ``cli.py``); this package's ``measure`` is the subcommand ``all``: attention, coding-rate and zeroshot, in that
+order, on one model."""
 import argparse
 from typing import Dict
 
-from ..common import add_model_arguments, run_on_model
+import torch
+
 from . import attention, coding_rate, zeroshot
 
-__all__ = ['add_arguments', 'run']
+__all__ = ['measure']
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> Dict[str, object]:
-    """attention, coding-rate and zeroshot, in that order, on one model."""
-    return run_on_model(args, [attention.measure, coding_rate.measure, zeroshot.measure])
+def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, object]:
+    summary = {}
+    for command in (attention, coding_rate, zeroshot):
+        summary.update(command.measure(model, args))
+    return summary

@@ -10,34 +10,23 @@ from typing import Dict, List
 
 import torch
 
-from ..common import (
-    add_model_arguments, fmnist_images, is_fmnist, load_photo, model_label, pick_layers, run_on_model, trace_fmnist,
-    trace_photos, write_csv,
-)
+from .. import common
 from ..maps import ModelTrace, class_token_maps, full_attention
 
-__all__ = ['add_arguments', 'run', 'measure']
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> Dict[str, object]:
-    return run_on_model(args, [measure])
+__all__ = ['measure']
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, object]:
     from ..plots import plot_class_token_maps, plot_full_attention
-    if is_fmnist(args):
+    if common.is_fmnist(args):
         return _fmnist(model, args)
     summary, rows = {}, []
-    label = model_label(args)
+    label = common.model_label(args)
     for name in args.image:
-        img, tag = load_photo(name)
-        trace = trace_photos(model, [img])
+        img, tag = common.load_photo(name)
+        trace = common.trace_photos(model, [img])
         maps = class_token_maps(trace, query=args.query)[:, 0]          # (L, H, gh, gw)
-        layers = pick_layers(args.layers, maps.shape[0])
+        layers = common.pick_layers(args.layers, maps.shape[0])
         summary[f'attention_{tag}.png'] = plot_class_token_maps(
             img, maps, layers, os.path.join(args.out, f'attention_{tag}.png'),
             title=f'{label}: class-token attention ({trace.layers[0].kind}), {tag}')
@@ -47,7 +36,7 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, objec
                                 os.path.join(args.out, f'full_attention_{tag}_layer{l}.png'),
                                 title=f'{label} layer {l}: {what}')
         rows += _map_statistics(tag, trace, maps)
-    write_csv(rows, os.path.join(args.out, 'attention_maps.csv'))
+    common.write_csv(rows, os.path.join(args.out, 'attention_maps.csv'))
     return summary
 
 
@@ -70,12 +59,12 @@ def _fmnist(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, objec
     from ...data import FASHION_MNIST_CLASSES
     from ..fmnist import to_rgb
     from ..plots import plot_class_token_maps, plot_image_grid_maps
-    images, labels = fmnist_images(args)
-    trace = trace_fmnist(model, images)
+    images, labels = common.fmnist_images(args)
+    trace = common.trace_fmnist(model, images)
     maps = class_token_maps(trace, query=args.query)                      # (L, B, H, gh, gw)
-    layers = pick_layers(args.layers, maps.shape[0])
+    layers = common.pick_layers(args.layers, maps.shape[0])
     pred = trace.logits.argmax(-1).tolist() if trace.logits is not None else [None] * len(images)
-    label = model_label(args)
+    label = common.model_label(args)
     summary, rows = {}, []
     for b, (img, lab) in enumerate(zip(images, labels)):
         index = args.fmnist_index[b]
@@ -88,5 +77,5 @@ def _fmnist(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, objec
         [to_rgb(im) for im in images], maps, layers, [FASHION_MNIST_CLASSES[l] for l in labels],
         os.path.join(args.out, 'attention_fmnist_grid.png'),
         title=f'{label}: class-token maps (head mean) per layer, Fashion-MNIST test')
-    write_csv(rows, os.path.join(args.out, 'attention_images.csv'))
+    common.write_csv(rows, os.path.join(args.out, 'attention_images.csv'))
     return summary

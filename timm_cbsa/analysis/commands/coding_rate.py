@@ -9,41 +9,31 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from ..common import (
-    add_model_arguments, fmnist_images, is_fmnist, model_label, run_on_model, trace_fmnist, trace_photos, write_csv,
-)
+from .. import common
 from ..images import load_image
 from ..layerwise import LAYER_COLUMNS, STEP_COLUMNS, cbsa_step_rates, layer_coding_rates
 
-__all__ = ['add_arguments', 'run', 'measure']
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> Dict[str, object]:
-    return run_on_model(args, [measure])
+__all__ = ['measure']
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, object]:
     from ..plots import plot_coding_rate, plot_step_rates
-    if is_fmnist(args):
-        images, _ = fmnist_images(args, args.num_images)
-        trace = trace_fmnist(model, images)
+    if common.is_fmnist(args):
+        images, _ = common.fmnist_images(args, args.num_images)
+        trace = common.trace_fmnist(model, images)
         what = f'{len(images)} Fashion-MNIST test images'
     else:
         images = [load_image(n) for n in args.rate_images]
-        trace = trace_photos(model, images)
+        trace = common.trace_photos(model, images)
         what = f'{len(images)} photos'
-    label = model_label(args)
+    label = common.model_label(args)
     rows = layer_coding_rates(trace)
-    write_csv(rows, os.path.join(args.out, 'coding_rate.csv'), LAYER_COLUMNS)
+    common.write_csv(rows, os.path.join(args.out, 'coding_rate.csv'), LAYER_COLUMNS)
     plot_coding_rate(rows, os.path.join(args.out, 'coding_rate.png'), title=f'{label}: coding rate per layer ({what})')
     summary = _print_layer_rates(rows)
     steps = cbsa_step_rates(trace)
     if steps:
-        write_csv(steps, os.path.join(args.out, 'cbsa_step.csv'), STEP_COLUMNS)
+        common.write_csv(steps, os.path.join(args.out, 'cbsa_step.csv'), STEP_COLUMNS)
         plot_step_rates(steps, os.path.join(args.out, 'cbsa_step.png'),
                         title=f'{label}: coding-rate change across one CBSA step (eq. 8, κ = 1)')
         summary.update(_print_step_rates(steps))

@@ -10,23 +10,12 @@ from typing import Dict
 import numpy as np
 import torch
 
-from ..common import (
-    add_model_arguments, fmnist_images, is_fmnist, load_photo, model_label, pick_layers, run_on_model, trace_fmnist,
-    trace_photos, write_csv,
-)
+from .. import common
 from ..images import load_voc
 from ..maps import class_token_maps, head_map, head_mean_map
 from ..zeroshot import map_to_mask, upsample_map, zeroshot_table
 
-__all__ = ['add_arguments', 'run', 'measure']
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> Dict[str, object]:
-    return run_on_model(args, [measure])
+__all__ = ['measure']
 
 
 def _plot(img: np.ndarray, m: torch.Tensor, args: argparse.Namespace, name: str, title: str,
@@ -39,25 +28,25 @@ def _plot(img: np.ndarray, m: torch.Tensor, args: argparse.Namespace, name: str,
 
 
 def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, object]:
-    if is_fmnist(args):
+    if common.is_fmnist(args):
         return _fmnist(model, args)
     img, gt = load_voc()
-    maps = class_token_maps(trace_photos(model, [img]), query=args.query)   # (L, 1, H, gh, gw)
+    maps = class_token_maps(common.trace_photos(model, [img]), query=args.query)   # (L, 1, H, gh, gw)
     rows = zeroshot_table(maps, gt, method=args.threshold)
-    write_csv(rows, os.path.join(args.out, 'zeroshot_voc.csv'))
+    common.write_csv(rows, os.path.join(args.out, 'zeroshot_voc.csv'))
     best = max(rows, key=lambda r: r['iou_fg'])
     print(f"VOC photo, foreground IoU ({args.threshold} threshold), head-mean map per layer: "
           + ' '.join(f"{r['iou_fg']:.2f}" for r in rows if r['head'] == 'mean'))
     print(f"best layer/head: layer {best['layer']} head {best['head']} IoU {best['iou_fg']:.3f}; "
           f"all-foreground baseline IoU {best['iou_all_fg']:.3f}")
     l = int(best['layer'])
-    label = model_label(args)
+    label = common.model_label(args)
     _plot(img, head_map(maps[l, 0], best['head']), args, 'zeroshot_voc', gt=gt,
           title=f"{label} layer {l} head {best['head']}: IoU {best['iou_fg']:.2f}")
-    layer = pick_layers(args.layers, maps.shape[0])[-1] if args.layers else maps.shape[0] - 1
+    layer = common.pick_layers(args.layers, maps.shape[0])[-1] if args.layers else maps.shape[0] - 1
     for name in args.image:
-        photo, tag = load_photo(name)
-        m = head_mean_map(class_token_maps(trace_photos(model, [photo]), query=args.query)[layer, 0])
+        photo, tag = common.load_photo(name)
+        m = head_mean_map(class_token_maps(common.trace_photos(model, [photo]), query=args.query)[layer, 0])
         _plot(photo, m, args, f'zeroshot_{tag}', title=f'{label} layer {layer} (head mean), {tag}')
     return {'voc_best_iou': best['iou_fg'], 'voc_best_layer': l, 'voc_best_head': best['head'],
             'voc_all_fg_iou': best['iou_all_fg']}
@@ -65,10 +54,10 @@ def measure(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, objec
 
 def _fmnist(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, object]:
     from ..fmnist import fmnist_zeroshot, garment_mask, to_rgb
-    images, _ = fmnist_images(args, args.num_images)
-    maps = class_token_maps(trace_fmnist(model, images), query=args.query)   # (L, B, H, gh, gw)
+    images, _ = common.fmnist_images(args, args.num_images)
+    maps = class_token_maps(common.trace_fmnist(model, images), query=args.query)   # (L, B, H, gh, gw)
     rows, base = fmnist_zeroshot(maps, images, args.threshold)
-    write_csv(rows, os.path.join(args.out, 'zeroshot_fmnist.csv'))
+    common.write_csv(rows, os.path.join(args.out, 'zeroshot_fmnist.csv'))
     best = max(rows, key=lambda r: r['iou_fg_mean'])
     print(f"Fashion-MNIST garment IoU ({args.threshold} threshold, mean over {len(images)} test images), "
           f"head-mean map per layer: " + ' '.join(f"{r['iou_fg_mean']:.3f}" for r in rows if r['head'] == 'mean'))
@@ -76,7 +65,7 @@ def _fmnist(model: torch.nn.Module, args: argparse.Namespace) -> Dict[str, objec
           f"all-foreground {base['iou_all_fg']:.3f}, centre box ({base['centre_box_frac']:.0%} of the image) "
           f"{base['iou_centre_box']:.3f}")
     l = int(best['layer'])
-    label = model_label(args)
+    label = common.model_label(args)
     for b in range(min(4, len(images))):
         _plot(to_rgb(images[b]), head_map(maps[l, b], best['head']), args, f'zeroshot_fmnist{b}',
               gt=garment_mask(images[b]), title=f"{label} layer {l} head {best['head']}")
