@@ -125,6 +125,13 @@ class GridAwareAttention(ProjectedAttention):
             **kwargs,
     ):
         super().__init__(dim, num_heads, **kwargs)
+        self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
+        self.follow_patch_embed = False
+        self.backend = resolve_backend(backend)     # selects self.impl
+        _install_registration_hook()
+
+    def set_pooling(self, rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens) -> None:
+        """Set (checked) the pooling configuration; see the constructor's arguments."""
         self.rep_grid = to_grid(rep_grid)
         self.legacy_pool = bool(legacy_pool)
         self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
@@ -132,9 +139,6 @@ class GridAwareAttention(ProjectedAttention):
         if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
             raise ValueError(f'num_trailing_tokens must be an int >= 0, got {num_trailing_tokens!r}.')
         self.num_trailing_tokens = num_trailing_tokens
-        self.follow_patch_embed = False
-        self.backend = resolve_backend(backend)     # selects self.impl
-        _install_registration_hook()
 
     def extra_repr(self) -> str:
         note = f' ({self.impl_note})' if self.impl_note else ''
