@@ -8,9 +8,9 @@ models only after ``import timm_cbsa``.
 from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 
 from .layers import (
-    BACKENDS, CBSA, ISTA, GridAwareAttention, bind_patch_grid, default_backend, get_backend, pool_representatives,
-    set_backend, use_backend,
+    BACKENDS, CBSA, ISTA, GridAwareAttention, bind_patch_grid, default_backend, get_backend, set_backend, use_backend,
 )
+from .ops.contract_broadcast.pooling import pool_representatives
 
 _ATTN_LAYERS['cbsa'] = CBSA
 

@@ -1,4 +1,5 @@
-"""Where CBSA layers learn the patch grid — per call, never from state left behind by another call.
+"""The base of CBSA and the family's pooled layers (``GridAwareAttention``: pooling configuration, backend, the
+representatives) and where such layers learn the patch grid — per call, never from state left behind by another call.
 
 A CBSA layer pools the patch tokens on their real (H_p, W_p) grid. timm's ``Block`` hands attention only ``x``
 (B, N, C), and with ``dynamic_img_size=True`` the grid changes from call to call (224×224 → 14×14, 160×320 → 10×20,
