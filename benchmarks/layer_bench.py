@@ -9,9 +9,13 @@ attention, at N = 1 + (img/16)² tokens. One process, interleaved rounds, min an
 cbsa_triton (the Triton kernels, CUDA only) is in the default variants on CUDA; a variant whose backend falls back
 (e.g. cbsa_triton without Triton, or on CPU) is dropped with the reason instead of being timed under its name.
 
+--core-share (CUDA): the CBSA core's share of a CBSA layer's fwd+bwd time (backend 'triton': the layer vs
+``contract_and_broadcast_triton`` alone on the layer's projected tokens) → <out>/layer_core_share.{md,csv,json}.
+
 Writes <out>/layer_<device>_<dtype>.{md,csv,png}. Not a test: a script.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -43,6 +47,48 @@ def build(name: str, dim: int, heads: int, grid):
     raise ValueError(name)
 
 
+def core_share(args, device, dtype):
+    """Per N: fwd+bwd ms of a CBSA layer (backend 'triton') and of its core alone, and the core's share."""
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton
+    rows = []
+    for g in args.grids:
+        n = 1 + g * g
+        try:
+            layer = make_cbsa(args.dim, args.heads, (g, g), 'triton').to(device=device, dtype=dtype)
+            x = torch.randn(args.batch, n, args.dim, device=device, dtype=dtype, requires_grad=True)
+            w = layer.project(x).detach().requires_grad_()
+            spec = layer.pool_spec(n, None)
+            dy = torch.randn_like(x)
+            dw = torch.randn_like(w)
+
+            def full():
+                (layer(x) * dy).sum().backward()
+
+            def core():
+                out = contract_and_broadcast_triton(w, layer.step_rep, layer.step_x, layer.scale, pool=spec)
+                (out * dw).sum().backward()
+            if not runs_triton(full):
+                raise RuntimeError('the layer did not run the Triton kernels')
+            res = interleaved({'layer': full, 'core': core}, rounds_for(n, args.rounds), device)
+            lay, cor = min(res['layer']), min(res['core'])
+            rows.append(dict(N=n, layer_ms=round(lay, 3), core_ms=round(cor, 3), core_share=round(cor / lay, 3)))
+        except Exception as e:  # noqa: BLE001 (one size failing, e.g. out of memory, does not stop the others)
+            rows.append(dict(N=n, error=f'{type(e).__name__}: {e}'[:300]))
+        print(rows[-1], flush=True)
+    cells = [[str(r['N']), '%.2f' % r['layer_ms'], '%.2f' % r['core_ms'], '%.0f%%' % (100 * r['core_share'])]
+             if 'error' not in r else [str(r['N']), r['error'], '–', '–'] for r in rows]
+    md = [f'### CBSA core share of a layer (fwd+bwd, backend triton), C={args.dim}, H={args.heads}, B={args.batch}, '
+          f'{args.dtype}', '', f'Machine: {machine_description(device)}. min over interleaved rounds.', '',
+          markdown_table(['N', 'layer ms', 'core ms', 'core share'], cells)]
+    print('\n'.join(md))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, 'layer_core_share.md'), 'w') as f:
+        f.write('\n'.join(md) + '\n')
+    write_csv(os.path.join(args.out, 'layer_core_share.csv'), rows)
+    with open(os.path.join(args.out, 'layer_core_share.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+
+
 def rounds_for(n: int, base: int) -> int:
     return max(2, base if n <= 256 else base // 2 if n <= 1024 else base // 4 if n <= 4096 else 2)
 
@@ -60,10 +106,13 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=16, help='rounds at N≈197; fewer at larger N')
     p.add_argument('--quadratic-max-n', type=int, default=1 << 30, help='skip timm_sdpa above this N')
     p.add_argument('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results'))
+    p.add_argument('--core-share', action='store_true', help='only the core-share table (backend triton, CUDA)')
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.core_share:
+        return core_share(args, device, dtype)
     if device.type == 'cpu':
         torch.set_num_threads(args.threads)
     variants = args.variants or (

@@ -31,4 +31,6 @@ from .convert import (  # noqa: E402  (after the models: convert uses configure_
     save_converted,
 )
 
+from .hub import push_to_hub, save_to_folder  # noqa: E402  (Hugging Face Hub: weights, config.json, model card)
+
 __version__ = '0.1.0'

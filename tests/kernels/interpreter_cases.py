@@ -1,8 +1,12 @@
 """Worker for test_triton_interpreter.py: runs the CBSA Triton kernels under TRITON_INTERPRET=1 (Triton's numpy
-interpreter, CPU tensors) against the eager reference ``CBSA.contract_and_broadcast`` and prints one JSON line of
-relative errors per case. Run in its own process because TRITON_INTERPRET must be set before the kernels are defined:
+interpreter, CPU tensors) against the naive twin in float64 and prints one JSON line per case. Run in its own process
+because TRITON_INTERPRET must be set before the kernels are defined:
 
     TRITON_INTERPRET=1 python tests/kernels/interpreter_cases.py [case ...]
+
+bfloat16 runs through the kernels' interpreter emulation (float32 tensors holding bf16 values, every cast to the
+token dtype rounded to bf16: Triton's interpreter computes bf16 ``tl.dot`` wrongly); ``cast`` checks that rounding
+against torch's own float32 → bfloat16 conversion.
 """
 import json
 import os
@@ -11,111 +15,216 @@ import time
 
 import torch
 
-# (name, B, H, d, grid (H_p, W_p), rep_grid, prefix tokens, legacy, w layout, Q_ini)
+# (name, B, H, d, grid (H_p, W_p), rep_grid, prefix tokens, trailing tokens, w layout, Q_ini)
 #   layout 'bnhd': w is the usual head-split view of a (B, N, H·d) projection; 'bhnd': contiguous (B, H, N, d)
-#   Q_ini 'pool': pooled from w in torch before the kernels (gradient back through autograd); 'given': an input
+#   Q_ini 'pool': pooled from w inside the kernels (PoolSpec(grid, rep_grid, trailing)); 'given': an input r
 CASES = [
-    ('m16_d32_equal_prefix1', 2, 2, 32, (8, 8), (4, 4), 1, False, 'bnhd', 'pool'),     # N = 65
-    ('m49_d96_adaptive_nonsquare_prefix2', 2, 1, 96, (9, 11), (7, 7), 2, False, 'bnhd', 'pool'),   # N = 101
-    ('m64_d64_equal_nonsquare', 2, 1, 64, (8, 16), (8, 8), 0, False, 'bhnd', 'pool'),  # N = 128, 2 token blocks+
-    ('m16_d64_legacy_adaptive', 1, 2, 64, (9, 9), (4, 4), 1, True, 'bnhd', 'pool'),    # N = 82
-    ('m6_d32_given_r', 3, 2, 32, (6, 6), (2, 3), 1, False, 'bhnd', 'given'),           # N = 37
+    ('m16_d32_equal_prefix1', 2, 2, 32, (8, 8), (4, 4), 1, 0, 'bnhd', 'pool'),              # N = 65
+    ('m49_d96_adaptive_nonsquare_prefix2', 2, 1, 96, (9, 11), (7, 7), 2, 0, 'bnhd', 'pool'),  # N = 101
+    ('m64_d64_equal_nonsquare', 2, 1, 64, (8, 16), (8, 8), 0, 0, 'bhnd', 'pool'),          # N = 128
+    ('m16_d64_legacy_adaptive', 1, 2, 64, (9, 9), (4, 4), 0, 1, 'bnhd', 'pool'),           # N = 82, legacy pooling
+    ('m6_d32_given_r', 3, 2, 32, (6, 6), (2, 3), 1, 0, 'bhnd', 'given'),                   # N = 37
+    ('m4_d32_trailing150_segdecoder', 1, 2, 32, (4, 4), (2, 2), 1, 150, 'bnhd', 'pool'),   # 150 class tokens
+    ('m100_d128_adaptive_prefix1', 1, 1, 128, (12, 15), (10, 10), 1, 3, 'bnhd', 'pool'),   # M_PAD 128, 4 row blocks
+    ('m128_d48_given_r', 1, 2, 48, (8, 8), (8, 16), 0, 0, 'bnhd', 'given'),
 ]
-DTYPES = {'fp32': torch.float32, 'fp64': torch.float64, 'fp16': torch.float16}   # bf16: no numpy type
+DTYPES = {'fp32': torch.float32, 'fp64': torch.float64, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 NAMES = ['out', 'dw', 'dr', 'deta', 'dkap']
 
 
-def run_case(name, B, H, d, grid, rep, prefix, legacy, layout, qini, dtype):
-    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, naive_contract_and_broadcast
-    from timm_cbsa.layers.cbsa import CBSA
-    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec, pool_representatives
-    g = torch.Generator().manual_seed(0)
-    N = prefix + grid[0] * grid[1]
+def _inputs(B, H, d, grid, rep, prefix, trailing, layout, qini, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = prefix + grid[0] * grid[1] + trailing
     m = rep[0] * rep[1]
     f64 = torch.float64
     if layout == 'bnhd':
-        w0 = torch.randn(B, N, H, d, generator=g, dtype=f64).transpose(1, 2)
+        w = torch.randn(B, N, H, d, generator=g, dtype=f64).transpose(1, 2)
     else:
-        w0 = torch.randn(B, H, N, d, generator=g, dtype=f64)
-    r0 = torch.randn(B, H, m, d, generator=g, dtype=f64) if qini == 'given' else None
-    eta0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
-    kap0 = torch.randn(H, 1, 1, generator=g, dtype=f64)
+        w = torch.randn(B, H, N, d, generator=g, dtype=f64)
+    r = torch.randn(B, H, m, d, generator=g, dtype=f64) if qini == 'given' else None
+    eta, kap = torch.randn(H, 1, 1, generator=g, dtype=f64), torch.randn(H, 1, 1, generator=g, dtype=f64)
     grad = torch.randn(B, H, N, d, generator=g, dtype=f64)
-    pool = PoolSpec(grid, rep, 1 if legacy else 0)
-    scale = d ** -0.5
-    # half precision is compared with the float64 reference (the eager layer in float64), like the CUDA tests
-    ref_dtype = f64 if dtype == torch.float16 else dtype
-    layer = CBSA(H * d, H, rep_grid=rep, legacy_pool=legacy, grid_size=grid).to(ref_dtype)
-
-    def kernel(w, r, eta, kap):
-        return contract_and_broadcast_triton(w, eta, kap, scale, pool=None if qini == 'given' else pool, r=r)
-
-    def eager(w, r, eta, kap):
-        with torch.no_grad():
-            layer.step_rep.copy_(eta)
-            layer.step_x.copy_(kap)
-        layer.step_rep.grad = layer.step_x.grad = None
-        return layer.contract_and_broadcast(w, pool_representatives(w, pool) if r is None else r)
-
-    def naive(w, r, eta, kap):
-        return naive_contract_and_broadcast(w, eta, kap, scale, pool=None if qini == 'given' else pool, r=r)
-
-    results = {}
-    for tag, fn in (('kernel', kernel), ('eager', eager), ('naive', naive)):
-        dt = dtype if tag == 'kernel' else ref_dtype
-        w = w0.to(dt).clone().requires_grad_()            # clone: .to() of the same dtype is not a copy
-        r = None if r0 is None else r0.to(dt).clone().requires_grad_()
-        eta, kap = eta0.to(dt).clone().requires_grad_(), kap0.to(dt).clone().requires_grad_()
-        t0 = time.perf_counter()
-        out = fn(w, r, eta, kap)
-        (out * grad.to(dt)).sum().backward()
-        if tag == 'eager':
-            eta_g, kap_g = layer.step_rep.grad, layer.step_x.grad
-        else:
-            eta_g, kap_g = eta.grad, kap.grad
-        results[tag] = ([t if t is None else t.double() for t in
-                         (out.detach(), w.grad, None if r is None else r.grad, eta_g, kap_g)],
-                        time.perf_counter() - t0, out)
-    errs = {}
-    for tag in ('kernel', 'naive'):
-        errs[tag] = {}
-        for n, a, b in zip(NAMES, results[tag][0], results['eager'][0]):
-            if a is None:
-                continue
-            errs[tag][n] = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-    return dict(errors=errs['kernel'], naive_errors=errs['naive'], seconds=results['kernel'][1],
-                out_layout_bnhd=bool(results['kernel'][2].transpose(1, 2).is_contiguous()) if layout == 'bnhd' else None,
-                out_dtype=str(results['kernel'][2].dtype))
+    return w, r, eta, kap, grad
 
 
-def run_layer_case():
-    """A CBSA layer with backend='triton' (the dispatcher's hookup) against backend='eager': forward,
-    input and parameter gradients, and whether the kernels really ran (no fallback)."""
+def _run(fn, dtype, w0, r0, eta0, kap0, grad, scale, pool):
+    """Forward + backward of fn in ``dtype`` from float64 inputs → [out, ∂w, ∂r, ∂η, ∂κ] and the output."""
+    w = w0.to(dtype).clone().requires_grad_()            # clone: .to() of the same dtype is not a copy
+    r = None if r0 is None else r0.to(dtype).clone().requires_grad_()
+    eta, kap = eta0.to(dtype).clone().requires_grad_(), kap0.to(dtype).clone().requires_grad_()
+    out = fn(w, eta, kap, scale, pool=pool, r=r)
+    (out * grad.to(dtype)).sum().backward()
+    return [out.detach(), w.grad, None if r is None else r.grad, eta.grad, kap.grad], out
+
+
+def _rel_errors(got, ref):
+    return {n: ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            for n, a, b in zip(NAMES, got, ref) if a is not None}
+
+
+def run_case(name, B, H, d, grid, rep, prefix, trailing, layout, qini, dtype):
+    """Kernels in ``dtype`` vs the naive twin in float64 on the same (dtype-rounded) inputs: relative errors."""
+    from timm_cbsa.ops.contract_broadcast.naive import naive_contract_and_broadcast
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton
+    w0, r0, eta0, kap0, grad = _inputs(B, H, d, grid, rep, prefix, trailing, layout, qini)
+    w0, eta0, kap0, grad = (t.to(dtype).double() for t in (w0, eta0, kap0, grad))   # the same numbers for both
+    r0 = None if r0 is None else r0.to(dtype).double()
+    pool = None if qini == 'given' else PoolSpec(grid, rep, trailing)
+    t0 = time.perf_counter()
+    got, out = _run(contract_and_broadcast_triton, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
+    secs = time.perf_counter() - t0
+    ref, _ = _run(naive_contract_and_broadcast, torch.float64, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
+    errs = _rel_errors(got, ref)
+    # the naive twin itself in ``dtype``: how far rounding to it alone lands from float64 (∂η sums cancel)
+    own, _ = _run(naive_contract_and_broadcast, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
+    return dict(errors=errs, naive_errors=_rel_errors(own, ref), seconds=round(secs, 2), out_dtype=str(out.dtype),
+                grad_dtype=str(got[1].dtype),
+                out_layout_bnhd=bool(out.transpose(1, 2).is_contiguous()) if layout == 'bnhd' else None)
+
+
+def deterministic_case():
+    """Two forward + backward runs under torch.use_deterministic_algorithms(True): bitwise equal?"""
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton
+    w0, _, eta0, kap0, grad = _inputs(2, 2, 32, (9, 9), (4, 4), 1, 0, 'bnhd', 'pool', seed=1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(contract_and_broadcast_triton, torch.float32, w0, None, eta0, kap0, grad, 0.2,
+                     PoolSpec((9, 9), (4, 4), 0))[0] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return dict(case='deterministic', bitwise_equal=[bool(torch.equal(a, b)) for a, b in zip(*runs) if a is not None])
+
+
+def no_host_scalars_case():
+    """Forward + backward (pooled and given Q_ini) with every way of making a tensor from Python scalars or reading
+    one back to the host (torch.tensor / full / as_tensor / scalar_tensor, Tensor.item / cpu / tolist / numpy /
+    bool / int / float) patched to fail when called from timm_cbsa's code (Triton's interpreter itself may use
+    them): the launch path must create no device scalars and never synchronise."""
+    import functools
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton
+    calls = []
+
+    def guard(owner, name):
+        real = getattr(owner, name)
+
+        @functools.wraps(real)
+        def wrapped(*a, **k):
+            caller = sys._getframe(1).f_globals.get('__name__', '')
+            if caller.startswith('timm_cbsa'):
+                calls.append(f'{name} from {caller}')
+            return real(*a, **k)
+        setattr(owner, name, wrapped)
+        return owner, name, real
+
+    patched = [guard(torch, n) for n in ('tensor', 'full', 'as_tensor', 'scalar_tensor')]
+    patched += [guard(torch.Tensor, n) for n in ('item', 'cpu', 'tolist', 'numpy', '__bool__', '__int__',
+                                                   '__float__')]
+    try:
+        for pooled in (True, False):
+            w0, r0, eta0, kap0, grad = _inputs(2, 2, 32, (6, 6), (3, 3), 1, 2, 'bnhd', 'pool' if pooled else 'given')
+            _run(contract_and_broadcast_triton, torch.float32, w0, r0, eta0, kap0, grad, 0.2,
+                 PoolSpec((6, 6), (3, 3), 2) if pooled else None)
+    finally:
+        for owner, name, real in patched:
+            setattr(owner, name, real)
+    return dict(case='no_host_scalars', calls=calls)
+
+
+def fallback_case():
+    """A backward kernel that raises: the gradients are recomputed with the naive twin (one warning logged), or,
+    with TIMM_CBSA_STRICT_BACKEND=1, the error propagates."""
     import logging
-    from backend_checks import rel_errors, run_fwd_bwd   # tests/support
-    from timm_cbsa.ops.contract_broadcast.triton import function
-    from timm_cbsa.layers.cbsa import CBSA
+    from timm_cbsa.ops.contract_broadcast.naive import naive_contract_and_broadcast
+    from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, function
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger('timm_cbsa.ops.contract_broadcast').addHandler(handler)
+    logging.getLogger(function.__name__).addHandler(handler)
+    real = function._backward
+
+    def broken(*a, **k):
+        raise RuntimeError('simulated backward kernel failure')
+    function._backward = broken
+    res = dict(case='fallback')
+    try:
+        for qini in ('pool', 'given'):
+            w0, r0, eta0, kap0, grad = _inputs(2, 2, 32, (5, 6), (2, 3), 1, 1, 'bnhd', qini)
+            pool = PoolSpec((5, 6), (2, 3), 1) if qini == 'pool' else None
+            got, _ = _run(contract_and_broadcast_triton, torch.float64, w0, r0, eta0, kap0, grad, 0.3, pool)
+            ref, _ = _run(naive_contract_and_broadcast, torch.float64, w0, r0, eta0, kap0, grad, 0.3, pool)
+            res[f'{qini}_max_error'] = max((a - b).abs().max().item() for a, b in zip(got, ref) if a is not None)
+        os.environ['TIMM_CBSA_STRICT_BACKEND'] = '1'
+        try:
+            _run(contract_and_broadcast_triton, torch.float64, w0, r0, eta0, kap0, grad, 0.3, pool)
+            res['strict'] = 'no error'
+        except RuntimeError as e:
+            res['strict'] = str(e)
+    finally:
+        os.environ.pop('TIMM_CBSA_STRICT_BACKEND', None)
+        function._backward = real
+    res['warnings'] = [r.getMessage() for r in records]
+    return res
+
+
+def cast_case():
+    """The kernels' bf16 emulation rounding (``kernels._cast`` with EMU_BF16) against torch's float32 → bf16 cast:
+    ties to even, carries into the exponent, subnormals, ±inf, NaN, overflow to inf."""
+    import triton
+    import triton.language as tl
+    global _cast   # a JIT function finds the functions it calls among its module's globals
+    from timm_cbsa.ops.contract_broadcast.triton.kernels import _cast
+
+    @triton.jit
+    def _round(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.)
+        tl.store(y_ptr + i, _cast(x, tl.float32, True), mask=i < n)
+
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C000, 0x3F807FFF, 0x3FFF8000, 0x7F7FFFFF, 0x00018000,
+                         0x80008000, 0x7F800000, 0xFF800000], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    spread = 10 ** torch.linspace(-40, 38, 4000)
+    x = torch.cat([bits, torch.randn(4000, generator=torch.Generator().manual_seed(0)) * spread])
+    y = torch.empty_like(x)
+    _round[(1,)](x, y, x.numel(), BLOCK=4096)
+    ref = x.to(torch.bfloat16).float()
+    nan = torch.tensor([float('nan')])
+    y_nan = torch.empty_like(nan)
+    _round[(1,)](nan, y_nan, 1, BLOCK=16)
+    return dict(case='cast', mismatches=int((y != ref).sum()), checked=x.numel(), nan_kept=bool(y_nan.isnan().all()))
+
+
+def layer_case():
+    """A CBSA layer asking for backend='triton' goes through the dispatcher to the kernels (selected at construction,
+    no fallback, nothing logged; the first call from an inference_mode forward) and matches backend='eager' in output,
+    input gradient and every parameter gradient."""
+    import logging
+    from backend_checks import rel_errors, run_fwd_bwd   # tests/support
+    from timm_cbsa.layers.cbsa import CBSA
+    from timm_cbsa.ops.contract_broadcast.triton import function
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger('timm_cbsa').addHandler(handler)
     calls = []
     apply = function.TritonContractBroadcast.apply
     function.TritonContractBroadcast.apply = lambda *a: calls.append(1) or apply(*a)
     torch.manual_seed(0)
-    layer = CBSA(64, 2, qkv_bias=True, grid_size=(5, 6), rep_grid=(2, 3), num_prefix_tokens=1)
+    layer = CBSA(64, 2, qkv_bias=True, grid_size=(5, 6), rep_grid=(2, 3), num_prefix_tokens=1, backend='triton')
     with torch.no_grad():
         layer.step_rep.copy_(torch.tensor([0.7, -1.2]).view(2, 1, 1))
         layer.step_x.copy_(torch.tensor([-0.5, 1.1]).view(2, 1, 1))
     x = torch.randn(2, 31, 64)
-    layer.backend = 'triton'
-    with torch.inference_mode():            # first use (and probe) from an inference forward
+    impl = layer.impl
+    with torch.inference_mode():
         infer = layer(x)
     got = run_fwd_bwd(layer, x, 'triton')
     ref = run_fwd_bwd(layer, x, 'eager')
-    return dict(case='layer_backend_triton-fp32', errors=rel_errors(got, ref), kernel_calls=len(calls),
-                inference_error=rel_errors([infer], [ref[0]])[0],
-                warnings=[r.getMessage() for r in records])
+    return dict(case='layer', impl=impl, errors=rel_errors(got, ref), kernel_calls=len(calls),
+                inference_error=rel_errors([infer], [ref[0]])[0], warnings=[r.getMessage() for r in records])
 
 
 def interpreter_problem():
@@ -156,8 +265,10 @@ def main(argv):
             res = run_case(*case, dtype=dt)
             res.update(case=f'{case[0]}-{dn}', kernel_type=interpreted)
             print(json.dumps(res), flush=True)
-    if not wanted or 'layer' in wanted:
-        print(json.dumps(run_layer_case()), flush=True)
+    for name, fn in (('deterministic', deterministic_case), ('cast', cast_case),
+                     ('no_host_scalars', no_host_scalars_case), ('fallback', fallback_case), ('layer', layer_case)):
+        if not wanted or name in wanted:
+            print(json.dumps(fn()), flush=True)
 
 
 if __name__ == '__main__':

@@ -59,17 +59,3 @@ def train_and_hash(argv: List[str]) -> Dict[str, Any]:
         json.dump(info, f)
     return dict(result, **info)
 
-
-def parse_args(argv: List[str]):
-    """The trainer's own argument parsing, so that ``slurm.launch`` validates flags before submitting."""
-    from train.train import parse_args as _parse_args
-
-    return _parse_args(argv)
-
-
-def validate_args(args, check_paths: bool = True) -> None:
-    """The trainer's full argument validation (when train.train has it), for the same reason."""
-    import train.train as tt
-
-    if hasattr(tt, "validate_args"):
-        tt.validate_args(args, check_paths=check_paths)

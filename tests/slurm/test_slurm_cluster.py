@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from slurm import launch
+from train.checkpoint import find_resume_checkpoint
 
 ENTRY = "tests.slurm.slurm_entry:train_and_hash"
 TRAIN = ["--dataset", "fashion_mnist", "--model", "cbsa_vit_tiny",
@@ -77,7 +78,7 @@ def test_ddp_multinode_and_multitask_train_identical_weights(slurm_cluster, in_r
     for name, (nodes, tpn) in layouts.items():
         argv = [*_common(slurm_cluster, tmp_path / name / "%j"), "--nodes", str(nodes), "--tasks-per-node",
                 str(tpn), "--entry", ENTRY, *TRAIN, "--max-train-samples", "256", "--max-steps", "4"]
-        jobs[name] = launch.submit(argv)
+        jobs[name] = launch.submit(*launch.prepare(argv))
     for name, job in jobs.items():
         nodes, tpn = layouts[name]
         world = nodes * tpn
@@ -98,13 +99,15 @@ def test_ddp_multinode_and_multitask_train_identical_weights(slurm_cluster, in_r
         infos = [json.loads(f.read_text()) for f in files]
         hashes = {i["weights_sha256"] for i in infos}
         assert len(hashes) == 1 and None not in hashes, infos
+        # one rendezvous for all ranks, on the first node of the allocation (where rank 0 runs)
         assert len({i["master"] for i in infos}) == 1
-        assert infos[0]["master"].endswith(f":{launch.master_port_for(job.job_id)}")
+        rank0 = next(i for i in infos if i["rank"] == 0)
+        assert rank0["master"].rsplit(":", 1)[0] == rank0["node"], infos
         used_nodes = {i["node"] for i in infos}
         assert len(used_nodes) == nodes, infos
         assert sorted(i["local_rank"] for i in infos) == sorted(list(range(tpn)) * nodes)
         # training output went to the job folder (%j expanded), including a checkpoint
-        assert launch.find_newest_checkpoint(str(folder)) is not None, sorted(p.name for p in folder.iterdir())
+        assert find_resume_checkpoint(str(folder))[1]["global_step"] == 4, sorted(p.name for p in folder.iterdir())
         assert folder.name == str(job.job_id)
         assert _wait_for(lambda: _sacct_state(job.job_id).startswith("COMPLETED"), 60, "COMPLETED in sacct")
 
@@ -147,7 +150,7 @@ def test_signal_checkpoint_requeue_resume_continues_step_counter(slurm_cluster, 
             "--max-train-samples", "1024", "--max-steps", str(max_steps), "--checkpoint-interval-steps", "0",
             "--preempt-check-interval", "1", "--debug-step-delay", "0.7"]
     t0 = time.time()
-    job = launch.submit(argv)
+    job = launch.submit(*launch.prepare(argv))
     folder = Path(str(job.paths.folder).replace("%j", str(job.job_id)))
     _wait_for(lambda: _max_step(folder) >= 4, 240, f"step >= 4 logged in {folder}", folder=folder)
     seen = _max_step(folder)
@@ -270,7 +273,7 @@ def test_real_time_limit_signal_checkpoints_and_requeues(slurm_cluster, in_repo_
             "--tasks-per-node", "1", "--entry", ENTRY, *TRAIN, "--max-train-samples", "4096", "--max-steps", "400",
             "--checkpoint-interval-steps", "0", "--debug-step-delay", "1.0"]
     t0 = time.time()
-    job = launch.submit(argv)
+    job = launch.submit(*launch.prepare(argv))
     folder = Path(str(job.paths.folder))
 
     def resumed():

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from slurm import job as slurm_job
 from slurm import launch
+from slurm import script as slurm_script
+from train import args as train_args
+from train.checkpoint import find_resume_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY = "tests.slurm.slurm_entry:train_and_hash"
@@ -46,9 +50,9 @@ def test_dry_run_prints_sbatch_script_with_requested_resources(tmp_path):
 
 
 def test_dry_run_cpu_job_defaults(tmp_path):
-    a, ex, trainer = launch.prepare(["--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2",
-                                     "--job-dir", str(tmp_path / "%j"), *TINY])
-    script = launch.dry_run_script(ex)
+    a, trainer = launch.prepare(["--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2",
+                                 "--job-dir", str(tmp_path / "%j"), *TINY])
+    script = launch.dry_run_script(a, trainer)
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --cpus-per-task=1" in script
     assert "gpus-per-node" not in script
 
@@ -74,16 +78,14 @@ def test_argv_split_and_finalize():
                                        "--model-kwargs", "rep_grid=4", "depth=6", "--", "--lr", "1e-3"])
     assert a.nodes == 2 and a.partition == "p" and a.tasks_per_node == 8 and a.cpus_per_task == 10
     assert train_argv == ["--model", "cbt_small", "--model-kwargs", "rep_grid=4", "depth=6", "--lr", "1e-3"]
-    out = launch.finalize_train_argv(train_argv, "/ckpt/123", "123")
+    out = slurm_job.training_argv(train_argv, "/ckpt/123", "123")
     assert out[-4:] == ["--output", "/ckpt/123", "--resume", "auto"]
-    out = launch.finalize_train_argv(["--output", "/x/%j/run", "--resume", "auto"], "/ckpt/7", "7")
+    out = slurm_job.training_argv(["--output", "/x/%j/run", "--resume", "auto"], "/ckpt/7", "7")
     assert out == ["--output", "/x/7/run", "--resume", "auto"]
-    assert launch.master_port_for("123456") == 20000 + 123456 % 20000
-    assert launch.master_port_for("77_3") == 20077
 
 
 def test_pickled_job_has_no_resume_path_and_checkpoint_requeues_same_args(tmp_path):
-    a, ex, trainer = launch.prepare(["--dry-run", "--job-dir", str(tmp_path / "%j"), *TINY])
+    a, trainer = launch.prepare(["--dry-run", "--job-dir", str(tmp_path / "%j"), *TINY])
     blob = pickle.dumps(trainer)
     assert b".pth" not in blob and b"--resume" not in blob
     t2 = pickle.loads(blob)
@@ -102,65 +104,80 @@ def test_local_mode_runs_the_same_code_without_slurm(tmp_path, monkeypatch):
     """--local: submitit LocalExecutor, 2 processes, gloo DDP, same Trainer callable; identical weights."""
     monkeypatch.chdir(REPO_ROOT)
     monkeypatch.delenv("SLURM_CONF", raising=False)
-    job = launch.submit(["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10",
-                         "--job-dir", str(tmp_path / "%j"), "--entry", ENTRY, *TINY, "--max-steps", "3"])
+    port = _free_port()
+    job = launch.submit(*launch.prepare(["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10",
+                                         "--master-port", str(port), "--job-dir", str(tmp_path / "%j"),
+                                         "--entry", ENTRY, *TINY, "--max-steps", "3"]))
     results = job.results()
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world_size"] == 2 and r["step"] == 3 for r in results)
+    assert {r["master"].rsplit(":", 1)[1] for r in results} == {str(port)}  # --master-port reached every task
     folder = Path(str(job.paths.folder))
     hashes = {json.loads(f.read_text())["weights_sha256"] for f in folder.glob("weights_rank*.json")}
     assert len(hashes) == 1 and None not in hashes
-    assert launch.find_newest_checkpoint(str(folder)) is not None, sorted(p.name for p in folder.iterdir())
+    assert find_resume_checkpoint(str(folder))[1]["global_step"] == 3, sorted(p.name for p in folder.iterdir())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- --script (timm's train.py & co)
 
-def _fake_ckpt(path: Path, mtime: float) -> Path:
+def _fake_ckpt(path: Path, global_step: int) -> Path:
+    """A checkpoint the trainer's finder accepts (train.checkpoint.load_checkpoint_file)."""
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 0}, path)
-    os.utime(path, (mtime, mtime))
+    torch.save({"state_dict": {}, "global_step": global_step}, path)
     return path
 
 
-def test_find_newest_checkpoint_skips_incomplete_and_temporary_files(tmp_path):
-    assert launch.find_newest_checkpoint(str(tmp_path / "nope")) is None
-    last = _fake_ckpt(tmp_path / "last.pth.tar", 1000)
-    _fake_ckpt(tmp_path / "checkpoint-0.pth.tar", 1000)       # same time as last: last preferred
-    assert launch.find_newest_checkpoint(str(tmp_path)) == str(last)
-    rec = _fake_ckpt(tmp_path / "recovery-1-3.pth.tar", 2000)
-    assert launch.find_newest_checkpoint(str(tmp_path)) == str(rec)
-    # a newer file cut short by a kill (no zip directory at its end) and timm's temporary names are ignored
-    good = rec.read_bytes()
-    cut = tmp_path / "recovery-1-5.pth.tar"
-    cut.write_bytes(good[: len(good) // 2])
-    os.utime(cut, (3000, 3000))
-    _fake_ckpt(tmp_path / "recovery_tmp.pth.tar", 4000)
-    _fake_ckpt(tmp_path / "tmp.pth.tar", 4000)
-    assert launch.find_newest_checkpoint(str(tmp_path)) == str(rec)
-
-
-def test_finalize_script_argv_keeps_the_run_folder_stable_and_resumes_from_the_newest(tmp_path):
+def test_script_job_argv_keeps_the_run_folder_stable_and_resumes_from_the_newest(tmp_path):
     job = str(tmp_path / "123")
-    argv, run_dir, newest = launch.finalize_script_argv(["--model", "m", "--data-dir", "/d/%j"], job, "123")
+    argv, run_dir, newest = slurm_script.job_argv(["--model", "m", "--data-dir", "/d/%j"], job, "123")
     assert argv == ["--model", "m", "--data-dir", "/d/123", "--output", job, "--experiment", "train"]
     assert run_dir == os.path.join(job, "train") and newest is None
     # --output given without --experiment: the job id names the run folder (timm's default has a time stamp)
-    argv, run_dir, _ = launch.finalize_script_argv(["--output", str(tmp_path / "o")], job, "123")
+    argv, run_dir, _ = slurm_script.job_argv(["--output", str(tmp_path / "o")], job, "123")
     assert argv[-2:] == ["--experiment", "123"] and run_dir == str(tmp_path / "o" / "123")
-    # a checkpoint in the run folder replaces the user's --resume (which only starts the first run)
-    ck = _fake_ckpt(tmp_path / "o" / "e" / "last.pth.tar", 1000)
+    # the newest checkpoint of the run folder (highest global step) wins over the user's --resume, which only
+    # starts the first run; timm's checkpoints carry their argparse.Namespace, which must not stop the search
+    _fake_ckpt(tmp_path / "o" / "e" / "checkpoint-0.pth.tar", 5)
+    import argparse
+
+    import torch
+    ck = tmp_path / "o" / "e" / "recovery-0-9.pth.tar"
+    torch.save({"state_dict": {}, "global_step": 9, "args": argparse.Namespace(model="m")}, ck)
     user = ["--output", str(tmp_path / "o"), "--experiment=e", "--resume", "/pretrained/start.pth.tar", "-b", "8"]
-    argv, run_dir, newest = launch.finalize_script_argv(user, job, "123")
-    assert newest == str(ck) and argv == ["--output", str(tmp_path / "o"), "--experiment=e", "-b", "8",
-                                          "--resume", str(ck)]
-    # train.train entry: same rule for an explicit --resume PATH; auto is added when nothing is given
-    out = launch.finalize_train_argv(["--resume", "/p.pth.tar", "--output", str(tmp_path / "o"),
-                                      "--experiment", "e"], job, "123")
-    assert out[-2:] == ["--resume", "auto"] and "/p.pth.tar" not in out
-    out = launch.finalize_train_argv(["--resume", "/p.pth.tar"], job, "123")
-    assert out == ["--resume", "/p.pth.tar", "--output", job]
+    argv, run_dir, newest = slurm_script.job_argv(user, job, "123")
+    assert newest == str(ck) and argv == [*user, "--resume", str(ck)]
+    assert run_dir == str(tmp_path / "o" / "e")
+
+
+def test_training_argv_resumes_auto_once_the_run_folder_has_a_checkpoint(tmp_path):
+    """train.train entry: an explicit --resume PATH starts the first run only; the flags the launcher adds come
+    last, so they are what the trainer's parser reads."""
+    job = str(tmp_path / "123")
+    out = slurm_job.training_argv(["--resume", "/p.pth.tar"], job, "123")
+    assert out == ["--resume", "/p.pth.tar", "--output", job]  # nothing to resume from yet
+    _fake_ckpt(tmp_path / "o" / "e" / "last.pth.tar", 4)
+    out = slurm_job.training_argv(["--resume", "/p.pth.tar", "--output", str(tmp_path / "o"), "--experiment", "e"],
+                                  job, "123")
+    parsed = train_args.parse_args(out)
+    assert (parsed.resume, parsed.output) == ("auto", str(tmp_path / "o"))
+    # the recipes' --config files name an output folder: the job folder replaces it (one folder per job), while an
+    # --output on the command line (abbreviated, as the trainer's parser allows) stays
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output: {tmp_path / 'from_config'}\nepochs: 2\n")
+    parsed = train_args.parse_args(slurm_job.training_argv(["--config", str(cfg)], job, "123"))
+    assert (parsed.output, parsed.epochs, parsed.resume) == (job, 2, "auto")
+    out = slurm_job.training_argv(["--config", str(cfg), "--out", str(tmp_path / "mine")], job, "123")
+    assert train_args.parse_args(out).output == str(tmp_path / "mine")
 
 
 STANDIN = '''
@@ -222,7 +239,7 @@ def test_script_runs_in_the_job_process_and_exit_status_is_kept(tmp_path, monkey
         "        sys.exit(3)\n")
     (tmp_path / "helper_next_to_script.py").write_text("")
     common = ["--local", "--gpus-per-node", "0", "--tasks-per-node", "2", "--timeout", "10", "--script", str(script)]
-    job = launch.submit([*common, "--job-dir", str(tmp_path / "a" / "%j"), "--x", "1"])
+    job = launch.submit(*launch.prepare([*common, "--job-dir", str(tmp_path / "a" / "%j"), "--x", "1"]))
     results = job.results()
     run_dir = Path(str(job.paths.folder)) / "train"
     assert sorted(r["rank"] for r in results) == [0, 1]
@@ -230,7 +247,7 @@ def test_script_runs_in_the_job_process_and_exit_status_is_kept(tmp_path, monkey
     import json
     info = json.loads((run_dir / "r1.json").read_text())
     assert info["argv0"] == str(script) and info["argv"][:2] == ["--x", "1"]
-    job = launch.submit([*common, "--job-dir", str(tmp_path / "b" / "%j"), "--fail"])
+    job = launch.submit(*launch.prepare([*common, "--job-dir", str(tmp_path / "b" / "%j"), "--fail"]))
     with pytest.raises(Exception, match="exited with status 3"):
         job.results()
 
@@ -276,19 +293,24 @@ def test_exit_after_a_preemption_signal_leaves_no_result(monkeypatch):
     must not produce a result: submitit would report the requeued job as finished."""
     from train import preempt
 
+    def exits(code):
+        def fn(argv):
+            raise SystemExit(code)
+        return fn
+
     monkeypatch.setattr(preempt, "_RECEIVED", [])
-    t = launch.Trainer("x:y", [], "/tmp/%j")
+    t = launch.Trainer([], "/tmp/%j")
     with pytest.raises(RuntimeError, match="exited with status 3"):
-        t._check_exit(SystemExit(3), "x:y")
-    assert t._check_exit(SystemExit(0), "x:y") is None  # a normal end
+        t._call(exits(3), [], "x:y")
+    assert t._call(exits(0), [], "x:y") is None  # a normal end
     monkeypatch.setattr(preempt, "_RECEIVED", [15])
     with pytest.raises(SystemExit):
-        t._check_exit(SystemExit(0), "x:y")
+        t._call(exits(0), [], "x:y")
     monkeypatch.setattr(preempt, "_RECEIVED", [])
     t.checkpoint()  # what submitit calls on global rank 0 before its sys.exit(-1)
     with pytest.raises(SystemExit):
-        t._check_exit(SystemExit(-1), "x:y")
-    assert pickle.loads(pickle.dumps(t))._requeued is False
+        t._call(exits(-1), [], "x:y")
+    assert pickle.loads(pickle.dumps(t)).leaving() is False  # the requeued run starts afresh
 
 
 def test_checkpoint_in_a_slurm_job_shields_the_requeue_command_from_sigterm(tmp_path):
@@ -298,7 +320,7 @@ def test_checkpoint_in_a_slurm_job_shields_the_requeue_command_from_sigterm(tmp_
         "import os, signal, subprocess, sys\n"
         "from slurm import launch\n"
         "os.environ['SUBMITIT_EXECUTOR'] = 'slurm'\n"
-        "launch.Trainer('x:y', [], '/tmp/%j').checkpoint()\n"
+        "launch.Trainer([], '/tmp/%j').checkpoint()\n"
         "r = subprocess.run(['sh', '-c', 'kill -TERM $$; echo survived'], capture_output=True, text=True)\n"
         "print('child', r.returncode, r.stdout.strip())\n"
     )
@@ -322,9 +344,15 @@ def test_rank_failure_after_the_requeue_signal_leaves_no_result(monkeypatch, tmp
 
     class FakeJobEnv:
         job_id = raw_job_id = "7"
+        USR_SIG = "USR2"
 
-        def _usr_sig(self):
-            return _signal.SIGUSR2
+    task_rank = int(rank)
+
+    class FakeTorchDistributedEnvironment:
+        rank, world_size, local_rank, master_addr, master_port = task_rank, 2, 0, "127.0.0.1", 29500
+
+        def export(self, **kwargs):
+            return self
 
     submitit_handler_calls = []
 
@@ -334,14 +362,13 @@ def test_rank_failure_after_the_requeue_signal_leaves_no_result(monkeypatch, tmp
         raise RuntimeError("Connection closed by peer")
 
     monkeypatch.setattr(submitit, "JobEnvironment", FakeJobEnv)
-    monkeypatch.setattr(launch, "setup_distributed_env", lambda port: dict(
-        RANK=rank, WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500"))
-    monkeypatch.setattr(launch, "resolve_entry", lambda entry: train)
+    monkeypatch.setattr(submitit.helpers, "TorchDistributedEnvironment", FakeTorchDistributedEnvironment)
+    monkeypatch.setattr(slurm_job, "resolve_entry", lambda entry: train)
     monkeypatch.setenv("RANK", rank)
     old = _signal.signal(_signal.SIGUSR2, lambda s, f: submitit_handler_calls.append(s))  # stands for submitit's
     try:
         with pytest.raises(outcome):
-            launch.Trainer("x:y", [], str(tmp_path / "%j"))()
+            launch.Trainer([], str(tmp_path / "%j"), entry="x:y")()
     finally:
         _signal.signal(_signal.SIGUSR2, old)
     assert submitit_handler_calls == ([_signal.SIGUSR2] if signalled else [])  # still handed on to submitit

@@ -97,7 +97,8 @@ def test_timm_train_py_runs_by_path_and_resumes(timm_train_py, slurm_cluster, in
     common = [*_common(slurm_cluster, tmp_path / "jobs" / "%j"), "--nodes", "1", "--tasks-per-node", "1",
               "--script", timm_train_py]
     t0 = time.time()
-    job = launch.submit([*common, *_timm_flags(tiny_image_folder, 1), "--output", str(out), "--experiment", "exp"])
+    job = launch.submit(*launch.prepare([*common, *_timm_flags(tiny_image_folder, 1), "--output", str(out),
+                                         "--experiment", "exp"]))
     try:
         results = job.results()
     except Exception as e:
@@ -113,8 +114,8 @@ def test_timm_train_py_runs_by_path_and_resumes(timm_train_py, slurm_cluster, in
     assert "Training with a single process on 1 device (cpu)" in log0, log0[-3000:]
 
     # a second job (more epochs, same run folder) resumes from the first one's last.pth.tar
-    job2 = launch.submit([*common, *_timm_flags(tiny_image_folder, 40), "--output", str(out),
-                          "--experiment", "exp"])
+    job2 = launch.submit(*launch.prepare([*common, *_timm_flags(tiny_image_folder, 40), "--output", str(out),
+                                          "--experiment", "exp"]))
     folder2 = Path(str(job2.paths.folder))
     _wait_for(lambda: len(_summary_epochs(run_dir)) >= 2, 400, "epoch 1 of the second job", folder=folder2)
     job2._interrupt()  # preemption: SIGTERM (bypassed by submitit) then USR2 -> checkpoint() -> requeue
@@ -144,7 +145,7 @@ def test_script_by_path_is_requeued_and_resumed_from_its_run_folder(slurm_cluste
             *TRAIN, "--max-train-samples", "1024", "--max-steps", "20", "--checkpoint-interval-steps", "0",
             "--debug-step-delay", "0.7"]
     t0 = time.time()
-    job = launch.submit(argv)
+    job = launch.submit(*launch.prepare(argv))
     folder = Path(str(job.paths.folder))
     run_dir = folder / "train"  # --output <job folder> --experiment train, added by the launcher
 

@@ -9,7 +9,10 @@ __all__ = ['fx_leaf', 'is_exporting', 'is_fx_tracing']
 def is_exporting() -> bool:
     """True while ``torch.onnx.export`` (the TorchScript-based exporter) or ``torch.export`` (also behind
     ``torch.onnx.export(dynamo=True)``) traces the model. Call it behind ``not torch.jit.is_scripting()``."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    return torch.onnx.is_in_onnx_export() or _torch_export_tracing()
+
+
+_torch_export_tracing = getattr(torch.compiler, 'is_exporting', lambda: False)   # torch >= 2.5 (the floor is 2.4)
 
 
 def is_fx_tracing() -> bool:

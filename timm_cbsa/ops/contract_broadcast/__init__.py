@@ -77,9 +77,6 @@ def _triton_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dtype], 
     if device.type != 'cuda' and not (device.type == 'cpu' and os.environ.get('TRITON_INTERPRET') == '1'):
         return [f'the Triton kernels need a CUDA device (got {device.type}; CPU only under TRITON_INTERPRET=1)']
     from . import triton as tk   # imports Triton lazily, only where it could run
-    if not hasattr(tk, 'not_supported_reasons'):   # TODO(triton branch): drop once its static checks land
-        why = tk.triton_unsupported_reason(device, dtype or torch.float32, head_dim, num_reps)
-        return [] if why is None else [why]
     return list(tk.not_supported_reasons(head_dim, num_reps, dtype, device))
 
 

@@ -1,34 +1,79 @@
-"""Triton kernels for CBSA's contract-and-broadcast core (see ``function.py`` for the autograd wiring and
-``naive.py`` for the plain PyTorch twin they are tested against).
+"""Triton kernels for CBSA's contract-and-broadcast core (see ``function.py`` for the launches and the autograd
+wiring, ``../naive.py`` for the plain PyTorch twin they are tested against).
 
-One (batch, head) matrix pair per program (``pid_bh``): W (N, d) tokens, R = Q_ini (m, d) representatives, both read
-through their strides. m and d are padded to powers of two ≥ 16 (``M_PAD``, ``D_PAD``, masked loads), tokens are read
-in blocks of ``BLOCK_N``. The m×N matrix A = softmax_N(s·R Wᵀ) is never written to global memory: every kernel
-rebuilds its block from R, W and the per-representative log-sum-exp.
+Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block
+or a chunk of token blocks. W (N, d) tokens and G = ∂out are read through their strides, with int64 base offsets.
+Everything m×d or smaller lives in ACC-dtype buffers of shape (B·H, M_PAD, D_PAD): m and d are padded to powers of
+two ≥ 16 (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and ``D`` are runtime masks), padded rows and columns
+are zero. Q_ini is kept there in ACC holding values already rounded to the token dtype, so the m×m kernels do not
+depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
+rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
 
-Precision: products of the tokens (A·W, W·Rᵀ, …) take the input dtype with ``PREC`` ('ieee' for float32 / float64,
-'tf32' for bf16 / fp16, where Triton ignores it) and accumulate in the statistics dtype ``ACC`` (float32, float64 for
-float64 inputs: the dtype of the ``lse`` buffer); the small m×m / m×d algebra always runs in ``ACC`` with 'ieee'.
-Scalars (s, η, κ) are read from ``ACC`` tensors, so float64 runs keep full precision.
+Precision. Token products (A·W, W·Q_iniᵀ, …) take the token dtype DT with ``PREC`` ('ieee' or 'tf32' for float32,
+following torch's TF32 setting; ignored for bf16 / fp16) and accumulate in ACC (float32; float64 for float64 tokens,
+interpreter only). The m×m algebra runs on ACC operands with ``MM_PREC`` ('tf32x3' for float32: three TF32
+tensor-core products, float32-accurate to ~1e-6 without the registers of 'ieee' scalar FMAs; 'ieee' for float64), in
+row blocks of BM = 16 representatives with the d contraction in chunks of DK columns (``_gram``), so no m×m or long-K
+tile lives in registers. Pooling and its adjoint multiply exact 0/1 memberships with the tokens' dtype (float32: two
+TF32 products of the high and low bits, ``_dot_01``).
 
-Kernels (forward, then backward). The token passes that reduce over N run on SPLITS chunks of tokens per (batch,
-head) so that small batches still fill the GPU; a per-(batch, head) kernel merges the chunks' m×d partials:
-    _extract_partial    grid (SPLITS, B·H): one pass over a chunk's token blocks: logits s·R Wᵀ with an online
-                        log-sum-exp, and A W (unnormalised) → partial max, Σexp, Σexp·W.
-    _combine_contract   grid (B·H,): merges the partials → lse, Z = A W; the contraction Q = R + ηZ,
-                        P = softmax(s·Q Qᵀ), C = P Q. Stores lse, Z, Q, P, C (padded; m×d and m×m).
-    _broadcast_fwd      grid (⌈N/BLOCK_N⌉, B·H): out = κ·exp(s·W Rᵀ − lse) C per token block (the only N×d write).
-    _ag_partial         grid (SPLITS, B·H): A G over a chunk, A rebuilt per token block.
-    _contract_bwd       grid (B·H,): sums the partials, then the m×m backward: ∂Q, ∂Z = η∂Q, D = rowsum(∂A ⊙ A),
-                        and the per-(batch, head) terms of ∂η, ∂κ.
-    _broadcast_bwd      grid (⌈N/BLOCK_N⌉, B·H): ∂S = A ⊙ (κC Gᵀ + ∂Z Wᵀ − D) per token block,
-                        ∂W = Aᵀ ∂Z + s ∂Sᵀ R (written), ∂R += s ∂S W (atomic add into an ACC buffer).
+Pooling (``PoolSpec``): the patch tokens are W[P0 : P0 + GH·GW] on a (GH, GW) grid, representative i = (i // RW,
+i % RW) averages the adaptive window rows [⌊a·GH/RH⌋, ⌈(a+1)·GH/RH⌉) × columns likewise (equal windows are the case
+RH | GH, RW | GW). A token block's 0/1 window membership is built from these bounds, so pooling is a product
+Σ membership·W (exact 0/1 weights) divided by the window area, and its adjoint a product membershipᵀ·(∂Q_ini / area).
 
-Only APIs present in Triton 3.6 and 3.8 are used (tl.dot with input_precision / out_dtype, masked tl.load / tl.store,
-tl.atomic_add, constexpr block sizes); the kernels also run under ``TRITON_INTERPRET=1`` (the CPU tests).
+Kernels (forward, then backward). Token passes that reduce over N run on SPLITS chunks per (batch, head) and write
+per-chunk partials that are merged in a fixed order: no atomics anywhere, so every result is bitwise reproducible.
+    _pool_partial       (B·H, SPLITS)  Σ over a chunk of the window-averaged tokens → partial Q_ini.
+    _extract_partial    (B·H, SPLITS)  logits s·Q_ini Wᵀ, online log-sum-exp, A W (unnormalised) → partial max,
+                                       Σexp, Σexp·W.
+    _combine_contract   (B·H,)         merges the partials → lse, Z = A W, Q = Q_ini + ηZ; then, by row blocks of
+                                       BM representatives, C = softmax(s·Q Qᵀ) Q with an online softmax (its
+                                       log-sum-exp ``lse_p`` is kept; the m×m P is rebuilt in backward).
+    _broadcast_fwd      (B·H, ⌈N/BLOCK_N⌉)  out = κ·exp(s·W Q_iniᵀ − lse) C: the only N×d write.
+    _ag_partial         (B·H, SPLITS)  A G over a chunk.
+    _contract_bwd       (B·H,)         merges A G, then the m×m backward by row blocks (formulas in
+                                       ``../fused.py``; rowsum(∂C Qᵀ ⊙ P) = ∂C·C needs no m×m reduction):
+                                       ∂Q, ∂Z = η∂Q, D = rowsum(∂A ⊙ A), this (batch, head)'s ∂η and ∂κ terms.
+    _broadcast_bwd      (B·H, SPLITS)  ∂S = A ⊙ (κC Gᵀ + ∂Z Wᵀ − D); ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini (written);
+                                       partial s ∂S W (the token sum of ∂Q_ini).
+    _pool_adjoint       (B·H, ⌈GH·GW/BLOCK_N⌉)  ∂W[patch tokens] += poolᵀ(∂Q_ini).
+
+``EMU_BF16`` (interpreter only): the tokens are float32 tensors holding bfloat16 values and every cast to the token
+dtype rounds to bfloat16 in float32 (round to nearest even), because Triton's interpreter computes bf16 ``tl.dot``
+wrongly and truncates float32 → bf16 casts. Compiled kernels never set it.
+
+Only APIs present in Triton 3.6 and 3.8 (tl.dot with input_precision / out_dtype, masked tl.load / tl.store,
+tl.debug_barrier, constexpr block sizes, ``do_not_specialize``); the kernels also run under ``TRITON_INTERPRET=1``.
 """
 import triton
 import triton.language as tl
+
+# runtime integers that are sizes or masks: one compiled kernel for all of their values
+_SIZES = ['N', 'H', 'M', 'D', 'CHUNK', 'SPLITS', 'P0', 'GH', 'GW', 'RH', 'RW']
+
+
+def _jit(fn):
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    return triton.jit(fn, do_not_specialize=[n for n in _SIZES if n in names])
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr, EMU_BF16: tl.constexpr):
+    """x → the token dtype; under EMU_BF16, x rounded to bfloat16 precision and kept in float32 (NaN kept)."""
+    if EMU_BF16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x == x, u.to(tl.float32, bitcast=True), x)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _program(H):
+    """This program's (batch, head) index on grid axis 0 and its batch and head, in int64 (offsets pass 2³¹)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    return pid_bh, pid_bh // H, pid_bh % H
 
 
 @triton.jit
@@ -38,265 +83,398 @@ def _load_tile(ptr, rows, cols, s_row, s_col, n_rows, n_cols):
 
 
 @triton.jit
-def _extract_partial(
-        w_ptr, r_ptr, scale_ptr, pmx_ptr, pss_ptr, pacc_ptr,
-        N, H, CHUNK,
+def _md(ptr, pid_bh, rows, rd, M_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """Pointers to rows ``rows`` of the (M_PAD, D_PAD) block of ``pid_bh`` in a (B·H, M_PAD, D_PAD) buffer."""
+    return ptr + pid_bh * (M_PAD * D_PAD) + rows[:, None] * D_PAD + rd[None, :]
+
+
+@triton.jit
+def _load_md(ptr, pid_bh, rm, rd, M, M_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """The (M_PAD, D_PAD) block of ``pid_bh``, rows ≥ M read as zero (the m×m kernels write only the row blocks
+    that hold representatives)."""
+    return tl.load(_md(ptr, pid_bh, rm, rd, M_PAD, D_PAD), mask=(rm < M)[:, None], other=0.)
+
+
+@triton.jit
+def _windows(rm, GH, GW, RH, RW):
+    """Window bounds (row lo, row hi, col lo, col hi) of representatives rm (adaptive-average-pooling windows)."""
+    a = rm // RW
+    c = rm % RW
+    return (a * GH // RH, ((a + 1) * GH + RH - 1) // RH, c * GW // RW, ((c + 1) * GW + RW - 1) // RW)
+
+
+@triton.jit
+def _membership(t, t_end, GW, r_lo, r_hi, c_lo, c_hi):
+    """(M_PAD, BLOCK_N) True where patch token t (< t_end) lies in the representative's window."""
+    y = t // GW
+    x = t - y * GW
+    ok = (t < t_end)[None, :]
+    return (ok & (y[None, :] >= r_lo[:, None]) & (y[None, :] < r_hi[:, None])
+            & (x[None, :] >= c_lo[:, None]) & (x[None, :] < c_hi[:, None]))
+
+
+@triton.jit
+def _dot_01(a, b, PREC: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for a 0/1 matrix a (exact in any dtype). SPLIT (float32 b): two TF32 products of b's high 11 bits and
+    the rest, float32-accurate to ~2⁻²¹ on tensor cores without the register cost of 'tf32x3' / 'ieee'."""
+    if SPLIT:
+        hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        return (tl.dot(a, hi, input_precision='tf32', out_dtype=ACC)
+                + tl.dot(a, b - hi, input_precision='tf32', out_dtype=ACC))
+    else:
+        return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _inv_area(r_lo, r_hi, c_lo, c_hi, ACC: tl.constexpr):
+    return 1. / tl.maximum((r_hi - r_lo) * (c_hi - c_lo), 1).to(ACC)
+
+
+@_jit
+def _pool_partial(
+        w_ptr, pq_ptr,
+        H, D, CHUNK, P0, GH, GW, RH, RW,
         s_wb, s_wh, s_wn, s_wd,
-        s_rb, s_rh, s_rm, s_rd,
-        M: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PREC: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
+):
+    """Window averages of the patch tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) → one partial Q_ini (ACC)."""
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
+    ACC = pq_ptr.dtype.element_ty
+    DT = w_ptr.dtype.element_ty
+    rm = tl.arange(0, M_PAD)
+    rd = tl.arange(0, D_PAD)
+    rn = tl.arange(0, BLOCK_N)
+    r_lo, r_hi, c_lo, c_hi = _windows(rm, GH, GW, RH, RW)
+    w_base = w_ptr + b * s_wb + h * s_wh + tl.cast(P0, tl.int64) * s_wn
+    acc = tl.zeros([M_PAD, D_PAD], ACC)
+    t_start = pid_s * CHUNK
+    t_end = tl.minimum(GH * GW, t_start + CHUNK)
+    for t0 in range(t_start, t_end, BLOCK_N):
+        w = _load_tile(w_base + tl.cast(t0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, t_end - t0, D)
+        inside = _membership(t0 + rn, t_end, GW, r_lo, r_hi, c_lo, c_hi)
+        acc += _dot_01(inside.to(DT), w, PREC, ACC, DT == tl.float32)
+    acc = acc * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
+    tl.store(_md(pq_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), acc)
+
+
+@_jit
+def _extract_partial(
+        w_ptr, r_ptr, pmx_ptr, pss_ptr, pacc_ptr,
+        N, H, D, CHUNK, scale,
+        s_wb, s_wh, s_wn, s_wd,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
 ):
     """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): running max, Σ exp(s − max) and Σ exp(s − max) W."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
-    h = pid_bh % H
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
     ACC = pmx_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
-    scale = tl.load(scale_ptr)
     w_base = w_ptr + b * s_wb + h * s_wh
-    r = _load_tile(r_ptr + b * s_rb + h * s_rh, rm, rd, s_rm, s_rd, M, D)            # Q_ini (M_PAD, D_PAD)
+    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)                     # Q_ini (M_PAD, D_PAD)
     mx = tl.full([M_PAD], float('-inf'), ACC)
     ssum = tl.zeros([M_PAD], ACC)
     acc = tl.zeros([M_PAD, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + rn
-        w = _load_tile(w_base + n0 * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)        # (BLOCK_N, D_PAD)
-        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale     # (M_PAD, BLOCK_N)
-        s = tl.where((n < n_end)[None, :], s, float('-inf'))
+        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)   # (BLOCK_N, D_PAD)
+        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale         # (M_PAD, BLOCK_N)
+        s = tl.where((n0 + rn < n_end)[None, :], s, float('-inf'))
         mx_new = tl.maximum(mx, tl.max(s, 1))
         alpha = tl.exp(mx - mx_new)
         e = tl.exp(s - mx_new[:, None])
         ssum = ssum * alpha + tl.sum(e, 1)
-        acc = acc * alpha[:, None] + tl.dot(e.to(DT), w, input_precision=PREC, out_dtype=ACC)
+        acc = acc * alpha[:, None] + tl.dot(_cast(e, DT, EMU_BF16), w, input_precision=PREC, out_dtype=ACC)
         mx = mx_new
-    row = (pid_s * tl.num_programs(1) + pid_bh) * M_PAD
-    tl.store(pmx_ptr + row + rm, mx)
-    tl.store(pss_ptr + row + rm, ssum)
-    tl.store(pacc_ptr + (row + rm[:, None]) * D_PAD + rd[None, :], acc)
+    row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
+    tl.store(pmx_ptr + row * M_PAD + rm, mx)
+    tl.store(pss_ptr + row * M_PAD + rm, ssum)
+    tl.store(_md(pacc_ptr, row, rm, rd, M_PAD, D_PAD), acc)
 
 
 @triton.jit
-def _combine_contract(
-        r_ptr, eta_ptr, scale_ptr, pmx_ptr, pss_ptr, pacc_ptr,
-        lse_ptr, z_ptr, q_ptr, p_ptr, c_ptr,
-        H, SPLITS,
-        s_rb, s_rh, s_rm, s_rd,
-        M: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr,
-):
-    """Merges the SPLITS partial extractions (every split holds ≥ 1 token) into lse and Z = A W, then the contraction
-    Q = R + ηZ, P = softmax(s·Q Qᵀ), C = P Q, all in ACC with 'ieee' products."""
-    pid_bh = tl.program_id(0)
-    BH = tl.num_programs(0)
-    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
-    h = pid_bh % H
-    ACC = lse_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
-    rd = tl.arange(0, D_PAD)
-    m_ok = rm < M
-    scale = tl.load(scale_ptr)
-    eta = tl.load(eta_ptr + h)
-    mx = tl.load(pmx_ptr + pid_bh * M_PAD + rm)
-    ssum = tl.load(pss_ptr + pid_bh * M_PAD + rm)
-    acc = tl.load(pacc_ptr + (pid_bh * M_PAD + rm[:, None]) * D_PAD + rd[None, :])
+def _merge_extraction(pmx_ptr, pss_ptr, pacc_ptr, pid_bh, BH, SPLITS, rows, rd,
+                      M_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    """lse and Z = A W for representatives ``rows``, from the SPLITS partials in a fixed order."""
+    mx = tl.load(pmx_ptr + pid_bh * M_PAD + rows)
+    ssum = tl.load(pss_ptr + pid_bh * M_PAD + rows)
+    acc = tl.load(_md(pacc_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
     for sp in range(1, SPLITS):
-        row = (sp * BH + pid_bh) * M_PAD
-        mx_s = tl.load(pmx_ptr + row + rm)
+        row = tl.cast(sp, tl.int64) * BH + pid_bh
+        mx_s = tl.load(pmx_ptr + row * M_PAD + rows)
         mx_new = tl.maximum(mx, mx_s)
         a_old = tl.exp(mx - mx_new)
         a_new = tl.exp(mx_s - mx_new)
-        ssum = ssum * a_old + tl.load(pss_ptr + row + rm) * a_new
-        acc = acc * a_old[:, None] + tl.load(pacc_ptr + (row + rm[:, None]) * D_PAD + rd[None, :]) * a_new[:, None]
+        ssum = ssum * a_old + tl.load(pss_ptr + row * M_PAD + rows) * a_new
+        acc = acc * a_old[:, None] + tl.load(_md(pacc_ptr, row, rows, rd, M_PAD, D_PAD)) * a_new[:, None]
         mx = mx_new
-    lse = mx + tl.log(ssum)
-    z = tl.where(m_ok[:, None], acc / ssum[:, None], 0.)                                 # Z = A W
-
-    # contraction among the m representatives (padded rows zero, padded columns masked out of the softmax)
-    r = _load_tile(r_ptr + b * s_rb + h * s_rh, rm, rd, s_rm, s_rd, M, D)
-    q = r.to(ACC) + eta * z                                                              # Q = Q_ini + η Z
-    logits = tl.dot(q, tl.trans(q), input_precision='ieee', out_dtype=ACC) * scale
-    logits = tl.where(m_ok[None, :], logits, float('-inf'))
-    pe = tl.exp(logits - tl.max(logits, 1)[:, None])
-    p = pe / tl.sum(pe, 1)[:, None]
-    p = tl.where(m_ok[:, None], p, 0.)                                                   # P = softmax(s Q Qᵀ)
-    c = tl.dot(p, q, input_precision='ieee', out_dtype=ACC)                              # C = P Q
-
-    md = pid_bh * M_PAD * D_PAD + rm[:, None] * D_PAD + rd[None, :]
-    tl.store(lse_ptr + pid_bh * M_PAD + rm, lse)
-    tl.store(z_ptr + md, z)
-    tl.store(q_ptr + md, q)
-    tl.store(c_ptr + md, c)
-    tl.store(p_ptr + pid_bh * M_PAD * M_PAD + rm[:, None] * M_PAD + rm[None, :], p)
+    return mx + tl.log(ssum), acc / ssum[:, None]
 
 
-@triton.jit
-def _rebuild_at(w, r, lse, n, N, m_ok, scale, PREC: tl.constexpr, ACC: tl.constexpr):
-    """Aᵀ for one token block, (BLOCK_N, M_PAD): exp(s·W Rᵀ − lse), zero outside the valid tokens/representatives."""
-    t = tl.dot(w, tl.trans(r), input_precision=PREC, out_dtype=ACC) * scale
-    at = tl.exp(t - lse[None, :])
-    return tl.where((n < N)[:, None] & m_ok[None, :], at, 0.)
-
-
-@triton.jit
-def _broadcast_fwd(
-        w_ptr, r_ptr, kap_ptr, scale_ptr, lse_ptr, c_ptr, out_ptr,
-        N, H,
-        s_wb, s_wh, s_wn, s_wd,
-        s_rb, s_rh, s_rm, s_rd,
-        s_ob, s_oh, s_on, s_od,
-        M: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PREC: tl.constexpr,
+@_jit
+def _combine_contract(
+        r_ptr, eta_ptr, pmx_ptr, pss_ptr, pacc_ptr,
+        lse_ptr, z_ptr, q_ptr, c_ptr, lsep_ptr,
+        H, M, D, SPLITS, scale,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, MM_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
-    h = pid_bh % H
+    """Merges the partial extractions into lse and Z = A W, forms Q = Q_ini + ηZ (all stored), then C = P Q with
+    P = softmax(s·Q Qᵀ) by row blocks of BM representatives and an online softmax over column blocks; stores C and
+    P's log-sum-exp. Padded rows of Z, Q, C are zero; padded columns are masked out of the softmax."""
+    pid_bh, _, h = _program(H)
+    BH = tl.num_programs(0)
+    ACC = lse_ptr.dtype.element_ty
+    rb = tl.arange(0, BM)
+    rd = tl.arange(0, D_PAD)
+    eta = tl.load(eta_ptr + h)
+    for j0 in range(0, M, BM):
+        rows = j0 + rb
+        lse, z = _merge_extraction(pmx_ptr, pss_ptr, pacc_ptr, pid_bh, BH, SPLITS, rows, rd, M_PAD, D_PAD)
+        z = tl.where((rows < M)[:, None], z, 0.)                                             # Z = A W
+        q = tl.load(_md(r_ptr, pid_bh, rows, rd, M_PAD, D_PAD)) + eta * z                    # Q = Q_ini + ηZ
+        tl.store(lse_ptr + pid_bh * M_PAD + rows, lse)
+        tl.store(_md(z_ptr, pid_bh, rows, rd, M_PAD, D_PAD), z)
+        tl.store(_md(q_ptr, pid_bh, rows, rd, M_PAD, D_PAD), q)
+    tl.debug_barrier()                                                                       # Q complete
+    for j0 in range(0, M, BM):
+        rows = j0 + rb
+        mx = tl.full([BM], float('-inf'), ACC)
+        ssum = tl.zeros([BM], ACC)
+        c = tl.zeros([BM, D_PAD], ACC)
+        for i0 in range(0, M, BM):
+            cols = i0 + rb
+            q_i = tl.load(_md(q_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
+            s = _gram(q_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC) * scale
+            s = tl.where((cols < M)[None, :], s, float('-inf'))
+            mx_new = tl.maximum(mx, tl.max(s, 1))
+            alpha = tl.exp(mx - mx_new)
+            e = tl.exp(s - mx_new[:, None])
+            ssum = ssum * alpha + tl.sum(e, 1)
+            c = c * alpha[:, None] + tl.dot(e, q_i, input_precision=MM_PREC, out_dtype=ACC)
+            mx = mx_new
+        c = tl.where((rows < M)[:, None], c / ssum[:, None], 0.)                            # C = P Q
+        tl.store(_md(c_ptr, pid_bh, rows, rd, M_PAD, D_PAD), c)
+        tl.store(lsep_ptr + pid_bh * M_PAD + rows, mx + tl.log(ssum))
+
+
+@triton.jit
+def _gram(x_ptr, y_ptr, pid_bh, rows, cols, D, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr,
+          DK: tl.constexpr, MM_PREC: tl.constexpr, ACC: tl.constexpr):
+    """X[rows] Y[cols]ᵀ (BM, BM) for two (B·H, M_PAD, D_PAD) buffers, the contraction over the D valid columns in
+    chunks of DK loaded from memory (a long-K dot operand would be replicated in every warp's registers)."""
+    acc = tl.zeros([BM, BM], ACC)
+    for k0 in range(0, D, DK):
+        kd = k0 + tl.arange(0, DK)
+        x = tl.load(x_ptr + pid_bh * (M_PAD * D_PAD) + rows[:, None] * D_PAD + kd[None, :])
+        y = tl.load(y_ptr + pid_bh * (M_PAD * D_PAD) + cols[:, None] * D_PAD + kd[None, :])
+        acc += tl.dot(x, tl.trans(y), input_precision=MM_PREC, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _rebuild_at(w, r, lse, n_ok, m_ok, scale, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Aᵀ for one token block, (BLOCK_N, M_PAD): exp(s·W Q_iniᵀ − lse), zero outside the valid tokens and
+    representatives."""
+    t = tl.dot(w, tl.trans(r), input_precision=PREC, out_dtype=ACC) * scale
+    return tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(t - lse[None, :]), 0.)
+
+
+@_jit
+def _broadcast_fwd(
+        w_ptr, r_ptr, kap_ptr, lse_ptr, c_ptr, out_ptr,
+        N, H, M, D, scale,
+        s_wb, s_wh, s_wn, s_wd,
+        s_ob, s_oh, s_on, s_od,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
+):
+    """out = κ Aᵀ C for one token block."""
+    pid_bh, b, h = _program(H)
+    n0 = tl.program_id(1) * BLOCK_N
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
     rd = tl.arange(0, D_PAD)
-    n0 = pid_n * BLOCK_N
     rn = tl.arange(0, BLOCK_N)
-    scale = tl.load(scale_ptr)
-    kap = tl.load(kap_ptr + h)
-    w = _load_tile(w_ptr + b * s_wb + h * s_wh + n0 * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
-    r = _load_tile(r_ptr + b * s_rb + h * s_rh, rm, rd, s_rm, s_rd, M, D)
+    w = _load_tile(w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
+    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
     lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    c = tl.load(c_ptr + pid_bh * M_PAD * D_PAD + rm[:, None] * D_PAD + rd[None, :])
-    at = _rebuild_at(w, r, lse, n0 + rn, N, rm < M, scale, PREC, ACC)                 # (BLOCK_N, M_PAD)
-    out = tl.dot(at.to(DT), (kap * c).to(DT), input_precision=PREC, out_dtype=ACC)     # κ Aᵀ C
+    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
+    at = _rebuild_at(w, r, lse, rn < N - n0, rm < M, scale, PREC, ACC)                      # (BLOCK_N, M_PAD)
+    out = tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)          # κ Aᵀ C
     mask = (rn[:, None] < N - n0) & (rd[None, :] < D)
-    o_ptr = out_ptr + b * s_ob + h * s_oh + (n0 + rn[:, None]) * s_on + rd[None, :] * s_od
-    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=mask)
+    o_ptr = out_ptr + b * s_ob + h * s_oh + tl.cast(n0, tl.int64) * s_on + rn[:, None] * s_on + rd[None, :] * s_od
+    tl.store(o_ptr, _cast(out, out_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
-@triton.jit
+@_jit
 def _ag_partial(
-        w_ptr, r_ptr, g_ptr, scale_ptr, lse_ptr, pag_ptr,
-        N, H, CHUNK,
+        w_ptr, r_ptr, g_ptr, lse_ptr, pag_ptr,
+        N, H, M, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
-        s_rb, s_rh, s_rm, s_rd,
         s_gb, s_gh, s_gn, s_gd,
-        M: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PREC: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
 ):
     """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK), A rebuilt per token block."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
-    h = pid_bh % H
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    scale = tl.load(scale_ptr)
     w_base = w_ptr + b * s_wb + h * s_wh
     g_base = g_ptr + b * s_gb + h * s_gh
-    r = _load_tile(r_ptr + b * s_rb + h * s_rh, rm, rd, s_rm, s_rd, M, D)
+    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
     lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
     ag = tl.zeros([M_PAD, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        n = n0 + rn
-        w = _load_tile(w_base + n0 * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)
-        g = _load_tile(g_base + n0 * s_gn, rn, rd, s_gn, s_gd, n_end - n0, D)
+        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)
+        g = _load_tile(g_base + tl.cast(n0, tl.int64) * s_gn, rn, rd, s_gn, s_gd, n_end - n0, D)
         s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale
-        a = tl.where((n < n_end)[None, :] & m_ok[:, None], tl.exp(s - lse[:, None]), 0.)
-        ag += tl.dot(a.to(DT), g.to(DT), input_precision=PREC, out_dtype=ACC)
-    tl.store(pag_ptr + ((pid_s * tl.num_programs(1) + pid_bh) * M_PAD + rm[:, None]) * D_PAD + rd[None, :], ag)
+        a = tl.where((n0 + rn < n_end)[None, :] & (rm < M)[:, None], tl.exp(s - lse[:, None]), 0.)
+        ag += tl.dot(_cast(a, DT, EMU_BF16), g, input_precision=PREC, out_dtype=ACC)
+    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), ag)
 
 
-@triton.jit
+@_jit
 def _contract_bwd(
-        eta_ptr, kap_ptr, scale_ptr, pag_ptr,
-        z_ptr, q_ptr, p_ptr, c_ptr,
-        dz_ptr, dq_ptr, dd_ptr, deta_ptr, dkap_ptr,
-        H, SPLITS,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        eta_ptr, kap_ptr, pag_ptr, z_ptr, q_ptr, c_ptr, lsep_ptr,
+        dc_ptr, delta_ptr, dz_ptr, dq_ptr, dd_ptr, deta_ptr, dkap_ptr,
+        H, M, D, SPLITS, scale,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, MM_PREC: tl.constexpr,
 ):
-    """Sums the SPLITS partial A G, then the m×m backward (fused.py's docstring): ∂C = κ AG, ∂Q through
-    C = softmax(s Q Qᵀ) Q, ∂Z = η ∂Q, D = rowsum(∂A ⊙ A), and this (batch, head)'s terms of ∂η and ∂κ."""
-    pid_bh = tl.program_id(0)
+    """The m×m backward (``../fused.py``): ∂C = κ·A G (the SPLITS partials summed in order), δ = rowsum(∂C Qᵀ ⊙ P)
+    = rowsum(∂C ⊙ C), then by row blocks J over column blocks I with P rebuilt from s·Q Qᵀ and its lse:
+    ∂Q_J = Σ_I P_IJᵀ ∂C_I + s (∂L_JI + ∂L_IJᵀ) Q_I, ∂L = P ⊙ (∂C Qᵀ − δ); ∂Z = η∂Q, D = δ + rowsum(∂Z ⊙ Z), and
+    this (batch, head)'s Σ ∂Q ⊙ Z (∂η) and Σ C ⊙ A G (∂κ). ``dc``, ``delta``: scratch."""
+    pid_bh, _, h = _program(H)
     BH = tl.num_programs(0)
-    h = pid_bh % H
     ACC = z_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
-    scale = tl.load(scale_ptr)
     eta = tl.load(eta_ptr + h)
     kap = tl.load(kap_ptr + h)
-    ag = tl.zeros([M_PAD, D_PAD], ACC)
-    for sp in range(0, SPLITS):
-        ag += tl.load(pag_ptr + ((sp * BH + pid_bh) * M_PAD + rm[:, None]) * D_PAD + rd[None, :])
-    md = pid_bh * M_PAD * D_PAD + rm[:, None] * D_PAD + rd[None, :]
-    z = tl.load(z_ptr + md)
-    q = tl.load(q_ptr + md)
-    c = tl.load(c_ptr + md)
-    p = tl.load(p_ptr + pid_bh * M_PAD * M_PAD + rm[:, None] * M_PAD + rm[None, :])
-    dc = kap * ag
-    dp = tl.dot(dc, tl.trans(q), input_precision='ieee', out_dtype=ACC)
-    dl = p * (dp - tl.sum(dp * p, 1)[:, None])
-    dq = (tl.dot(tl.trans(p), dc, input_precision='ieee', out_dtype=ACC)
-          + scale * (tl.dot(dl, q, input_precision='ieee', out_dtype=ACC)
-                     + tl.dot(tl.trans(dl), q, input_precision='ieee', out_dtype=ACC)))
-    dz = eta * dq
-    dd = tl.sum(kap * c * ag, 1) + tl.sum(dz * z, 1)                                     # rowsum(∂A ⊙ A)
-    tl.store(dz_ptr + md, dz)
-    tl.store(dq_ptr + md, dq)
-    tl.store(dd_ptr + pid_bh * M_PAD + rm, dd)
-    tl.store(dkap_ptr + pid_bh, tl.sum(tl.sum(c * ag, 1), 0))
-    tl.store(deta_ptr + pid_bh, tl.sum(tl.sum(dq * z, 1), 0))
+    dkap = tl.zeros([BM], ACC)
+    for j0 in range(0, M, BM):
+        rows = j0 + rb
+        ag = tl.zeros([BM, D_PAD], ACC)
+        for sp in range(0, SPLITS):
+            ag += tl.load(_md(pag_ptr, tl.cast(sp, tl.int64) * BH + pid_bh, rows, rd, M_PAD, D_PAD))
+        c = tl.load(_md(c_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
+        dkap += tl.sum(c * ag, 1)
+        tl.store(_md(dc_ptr, pid_bh, rows, rd, M_PAD, D_PAD), kap * ag)
+        tl.store(delta_ptr + pid_bh * M_PAD + rows, kap * tl.sum(c * ag, 1))
+    tl.debug_barrier()                                                                       # ∂C, δ complete
+    deta = tl.zeros([BM], ACC)
+    for j0 in range(0, M, BM):
+        rows = j0 + rb
+        delta_j = tl.load(delta_ptr + pid_bh * M_PAD + rows)
+        lse_j = tl.load(lsep_ptr + pid_bh * M_PAD + rows)
+        dq = tl.zeros([BM, D_PAD], ACC)
+        for i0 in range(0, M, BM):
+            cols = i0 + rb
+            ok = (rows < M)[:, None] & (cols < M)[None, :]
+            q_i = tl.load(_md(q_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
+            dc_i = tl.load(_md(dc_ptr, pid_bh, cols, rd, M_PAD, D_PAD))
+            s = _gram(q_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC) * scale
+            p_ji = tl.where(ok, tl.exp(s - lse_j[:, None]), 0.)                             # P_JI
+            pt_ij = tl.where(ok, tl.exp(s - tl.load(lsep_ptr + pid_bh * M_PAD + cols)[None, :]), 0.)   # P_IJᵀ
+            dl = p_ji * (_gram(dc_ptr, q_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC)
+                         - delta_j[:, None])
+            delta_i = tl.load(delta_ptr + pid_bh * M_PAD + cols)
+            dl += pt_ij * (_gram(q_ptr, dc_ptr, pid_bh, rows, cols, D, M_PAD, D_PAD, BM, DK, MM_PREC, ACC)
+                           - delta_i[None, :])
+            dq += tl.dot(pt_ij, dc_i, input_precision=MM_PREC, out_dtype=ACC)
+            dq += scale * tl.dot(dl, q_i, input_precision=MM_PREC, out_dtype=ACC)
+        z = tl.load(_md(z_ptr, pid_bh, rows, rd, M_PAD, D_PAD))
+        dz = eta * dq
+        deta += tl.sum(dq * z, 1)
+        tl.store(_md(dq_ptr, pid_bh, rows, rd, M_PAD, D_PAD), dq)
+        tl.store(_md(dz_ptr, pid_bh, rows, rd, M_PAD, D_PAD), dz)
+        tl.store(dd_ptr + pid_bh * M_PAD + rows, delta_j + tl.sum(dz * z, 1))             # rowsum(∂A ⊙ A)
+    tl.store(deta_ptr + pid_bh, tl.sum(deta, 0))
+    tl.store(dkap_ptr + pid_bh, tl.sum(dkap, 0))
 
 
-@triton.jit
+@_jit
 def _broadcast_bwd(
-        w_ptr, r_ptr, g_ptr, kap_ptr, scale_ptr,
-        lse_ptr, c_ptr, dz_ptr, dd_ptr,
-        dw_ptr, dr_ptr,
-        N, H,
+        w_ptr, r_ptr, g_ptr, kap_ptr, lse_ptr, c_ptr, dz_ptr, dd_ptr,
+        dw_ptr, pdr_ptr,
+        N, H, M, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
-        s_rb, s_rh, s_rm, s_rd,
         s_gb, s_gh, s_gn, s_gd,
         s_db, s_dh, s_dn, s_dd,
-        M: tl.constexpr, D: tl.constexpr, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PREC: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)             # b·stride can pass 2³¹ elements
-    h = pid_bh % H
+    """Over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini per block (written), and the
+    chunk's s ∂S W (M_PAD, D_PAD) partial of ∂Q_ini."""
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
     rm = tl.arange(0, M_PAD)
     rd = tl.arange(0, D_PAD)
-    n0 = pid_n * BLOCK_N
     rn = tl.arange(0, BLOCK_N)
-    scale = tl.load(scale_ptr)
-    kap = tl.load(kap_ptr + h)
-    w = _load_tile(w_ptr + b * s_wb + h * s_wh + n0 * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
-    g = _load_tile(g_ptr + b * s_gb + h * s_gh + n0 * s_gn, rn, rd, s_gn, s_gd, N - n0, D).to(DT)
-    r = _load_tile(r_ptr + b * s_rb + h * s_rh, rm, rd, s_rm, s_rd, M, D)
+    w_base = w_ptr + b * s_wb + h * s_wh
+    g_base = g_ptr + b * s_gb + h * s_gh
+    dw_base = dw_ptr + b * s_db + h * s_dh
+    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
     lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    dd = tl.load(dd_ptr + pid_bh * M_PAD + rm)
-    md = pid_bh * M_PAD * D_PAD + rm[:, None] * D_PAD + rd[None, :]
-    ck = (kap * tl.load(c_ptr + md)).to(DT)
-    dz = tl.load(dz_ptr + md).to(DT)
-    at = _rebuild_at(w, r, lse, n0 + rn, N, rm < M, scale, PREC, ACC)                 # Aᵀ (BLOCK_N, M_PAD)
-    dat = (tl.dot(g, tl.trans(ck), input_precision=PREC, out_dtype=ACC)               # ∂Aᵀ = G (κC)ᵀ + W ∂Zᵀ
-           + tl.dot(w, tl.trans(dz), input_precision=PREC, out_dtype=ACC))
-    dst = (at * (dat - dd[None, :])).to(DT)                                             # ∂Sᵀ
-    dw = (tl.dot(at.to(DT), dz, input_precision=PREC, out_dtype=ACC)                   # ∂W = Aᵀ ∂Z + s ∂Sᵀ R
-          + scale * tl.dot(dst, r, input_precision=PREC, out_dtype=ACC))
-    mask = (rn[:, None] < N - n0) & (rd[None, :] < D)
-    tl.store(dw_ptr + b * s_db + h * s_dh + (n0 + rn[:, None]) * s_dn + rd[None, :] * s_dd,
-             dw.to(dw_ptr.dtype.element_ty), mask=mask)
-    dr = scale * tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)          # s ∂S W (M_PAD, D_PAD)
-    tl.atomic_add(dr_ptr + md, dr)
+    dd = tl.load(dd_ptr + pid_bh * M_PAD + rm, mask=rm < M, other=0.)
+    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
+    dz = _cast(_load_md(dz_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
+    dr = tl.zeros([M_PAD, D_PAD], ACC)
+    n_start = pid_s * CHUNK
+    n_end = tl.minimum(N, n_start + CHUNK)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)
+        g = _load_tile(g_base + tl.cast(n0, tl.int64) * s_gn, rn, rd, s_gn, s_gd, n_end - n0, D)
+        at = _rebuild_at(w, r, lse, rn < n_end - n0, rm < M, scale, PREC, ACC)              # Aᵀ (BLOCK_N, M_PAD)
+        dat = (tl.dot(g, tl.trans(ck), input_precision=PREC, out_dtype=ACC)                # ∂Aᵀ = G (κC)ᵀ + W ∂Zᵀ
+               + tl.dot(w, tl.trans(dz), input_precision=PREC, out_dtype=ACC))
+        dst = _cast(at * (dat - dd[None, :]), DT, EMU_BF16)                                 # ∂Sᵀ
+        dw = (tl.dot(_cast(at, DT, EMU_BF16), dz, input_precision=PREC, out_dtype=ACC)     # ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini
+              + scale * tl.dot(dst, r, input_precision=PREC, out_dtype=ACC))
+        mask = (rn[:, None] < n_end - n0) & (rd[None, :] < D)
+        tl.store(dw_base + tl.cast(n0, tl.int64) * s_dn + rn[:, None] * s_dn + rd[None, :] * s_dd,
+                 _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
+        dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)                # ∂S W
+    tl.store(_md(pdr_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), scale * dr)
+
+
+@_jit
+def _pool_adjoint(
+        dr_ptr, dw_ptr,
+        H, M, D, P0, GH, GW, RH, RW,
+        s_db, s_dh, s_dn, s_dd,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+        EMU_BF16: tl.constexpr,
+):
+    """∂W[P0 + t] += Σ_i [t ∈ window_i] ∂Q_ini[i] / area_i for one block of patch tokens t."""
+    pid_bh, b, h = _program(H)
+    t0 = tl.program_id(1) * BLOCK_N
+    ACC = dr_ptr.dtype.element_ty
+    DT = dw_ptr.dtype.element_ty
+    rm = tl.arange(0, M_PAD)
+    rd = tl.arange(0, D_PAD)
+    rn = tl.arange(0, BLOCK_N)
+    r_lo, r_hi, c_lo, c_hi = _windows(rm, GH, GW, RH, RW)
+    dr = _load_md(dr_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD) * _inv_area(r_lo, r_hi, c_lo, c_hi, ACC)[:, None]
+    inside = _membership(t0 + rn, GH * GW, GW, r_lo, r_hi, c_lo, c_hi)                     # (M_PAD, BLOCK_N)
+    add = _dot_01(tl.trans(inside.to(DT)), _cast(dr, DT, EMU_BF16), PREC, ACC, DT == tl.float32)  # (BLOCK_N, D_PAD)
+    mask = (rn[:, None] < GH * GW - t0) & (rd[None, :] < D)
+    ptr = (dw_ptr + b * s_db + h * s_dh + tl.cast(P0 + t0, tl.int64) * s_dn
+           + rn[:, None] * s_dn + rd[None, :] * s_dd)
+    dw = tl.load(ptr, mask=mask, other=0.).to(ACC) + add
+    tl.store(ptr, _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
