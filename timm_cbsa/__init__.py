@@ -32,5 +32,6 @@ from .convert import (  # noqa: E402  (after the models: convert uses configure_
 )
 
 from .hub import push_to_hub, save_to_folder  # noqa: E402  (Hugging Face Hub: weights, config.json, model card)
+from .segmentation import create_segmenter  # noqa: E402  (Segmenter-style segmentation, docs/segmentation.md)
 
 __version__ = '0.1.0'

