@@ -5,7 +5,7 @@ from typing import Dict, Tuple, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..layers.backends import use_backend
+from ..layers.config import use_backend
 
 __all__ = ['decoder_flops']
 
