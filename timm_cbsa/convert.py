@@ -47,6 +47,7 @@ from .layers.family import FAMILY_ATTN_LAYERS, AgentAttentionQKV, CBSAStar, Line
 from .ops.contract_broadcast.pooling import to_grid
 from .models._helpers import cbsa_config, check_cbsa_config, configure_cbsa
 from .models.cbt import CheckpointMismatchError, _check_against, _unwrap
+from .errors import CBSAError
 
 __all__ = [
     'VARIANTS', 'ConversionReport', 'UnsupportedModelError', 'convert', 'create_with_attention', 'attention_kind',
@@ -68,7 +69,7 @@ _SUPPORTED = ('timm VisionTransformer models whose blocks use timm Attention: vi
 _POOLED = (CBSAStar, AgentAttentionQKV, CBSA)
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(CBSAError, TypeError):
     """The model is not a timm ViT whose attention convert() / attn_layer= can replace."""
 
 

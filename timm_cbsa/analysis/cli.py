@@ -24,8 +24,8 @@ Adding a subcommand: write a module that exposes
 and add it to ``SUBCOMMANDS`` (name: (module, one-line help)). An interpretability command, which works on the model
 the shared options describe, exposes ``measure(model, args) -> dict`` instead: it gets the shared options
 (``common.add_model_arguments``) and runs on the model they build (``common.run_on_model``). Modules are imported
-when the command line is built. A ValueError (bad input) raised by a command ends ``python -m`` with its message and
-exit status 2.
+when the command line is built. A ValueError or a ``CBSAError`` raised by a command ends ``python -m`` with its
+message and exit status 2.
 """
 import argparse
 import functools
@@ -33,6 +33,7 @@ import importlib
 import sys
 from typing import Callable, List, Optional, Tuple
 
+from ..errors import CBSAError
 from . import common
 
 __all__ = ['SUBCOMMANDS', 'build_parser', 'command_line', 'main']
@@ -75,10 +76,11 @@ def main(argv: Optional[List[str]] = None, prog: str = 'python -m timm_cbsa.anal
 
 
 def command_line(argv: Optional[List[str]] = None, prog: str = 'python -m timm_cbsa.analysis') -> int:
-    """``python -m`` entry point: ``main``, with a ValueError (bad input) printed and turned into exit status 2."""
+    """``python -m`` entry point: ``main``, with a ValueError or a ``CBSAError`` (bad input, an unreadable or unfit
+    checkpoint) printed and turned into exit status 2."""
     try:
         main(argv, prog)
-    except ValueError as e:
+    except (ValueError, CBSAError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
     return 0

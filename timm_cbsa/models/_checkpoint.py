@@ -14,12 +14,14 @@ from typing import Any, Dict, Union
 
 import torch
 
+from ..errors import CBSAError
+
 __all__ = ['CheckpointLoadError', 'UnsafeCheckpointError', 'read_checkpoint', 'read_state_dict']
 
 PathLike = Union[str, 'os.PathLike[str]']
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(CBSAError, RuntimeError):
     """A checkpoint file cannot be read (missing, empty, truncated, not a checkpoint)."""
 
 

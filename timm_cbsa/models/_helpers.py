@@ -10,6 +10,7 @@ from timm.models import register_model
 from ..layers.config import resolve_backend
 from ..layers.layout import bind_patch_grid, find_grid_aware_layers
 from ..ops.contract_broadcast.pooling import to_grid
+from ..errors import CBSAError
 
 __all__ = ['CBSA_MODEL_KWARGS', 'VIT_SIZES', 'pop_cbsa_kwargs', 'configure_cbsa', 'finish_cbsa_model', 'cbsa_config',
            'check_cbsa_config', 'register_entrypoints', 'CBSAConfigMismatchError']
@@ -31,7 +32,7 @@ CBSA_MODEL_KWARGS = ('rep_grid', 'legacy_pool', 'backend')
 CONFIG_KEYS = ('rep_grid', 'legacy_pool')
 
 
-class CBSAConfigMismatchError(ValueError):
+class CBSAConfigMismatchError(CBSAError, ValueError):
     """Saved weights were trained with another CBSA configuration (rep_grid / legacy_pool) than the model has."""
 
 

@@ -27,6 +27,7 @@ from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
 from ._checkpoint import read_state_dict
 from ._helpers import VIT_SIZES, configure_cbsa, finish_cbsa_model, pop_cbsa_kwargs, register_entrypoints
+from ..errors import CBSAError
 
 __all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
 
@@ -121,7 +122,7 @@ _OFFICIAL_KEY_RULES = [
 ]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(CBSAError, RuntimeError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 
