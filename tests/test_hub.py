@@ -69,12 +69,12 @@ def test_converted_vit_round_trip(tmp_path, variant):
 
 
 def test_converted_reg_token_vit_non_default_rep_grid(tmp_path):
-    """rep_grid carries no parameters and is not serialised for a converted vit_*: re-apply it after loading."""
+    """A non-default rep_grid of a converted vit_* travels as the registered name ('agent_qkv_r4')."""
     model = _jitter(timm.create_model('vit_base_patch16_reg4_gap_256', depth=2, img_size=128, embed_dim=192,
                                       num_heads=3, num_classes=10)).eval()
     timm_cbsa.convert(model, 'agent', rep_grid=4)
-    loaded, _ = _round_trip(model, tmp_path / 'reg')
-    timm_cbsa.configure_cbsa(loaded, rep_grid=4)
+    loaded, cfg = _round_trip(model, tmp_path / 'reg')
+    assert cfg['model_args']['attn_layer'] == 'agent_qkv_r4' and loaded.blocks[0].attn.rep_grid == (4, 4)
     _assert_same(model, loaded)
 
 

@@ -130,11 +130,8 @@ def test_converted_attention_layers(name):
     if name not in ATTN_LAYERS:
         pytest.skip(f'attention layer {name!r} not registered in this checkout')
     torch.manual_seed(0)
-    kw = dict(rep_grid=2) if name in ('cbsa_star', 'agent') else {}
-    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=0, attn_layer=name).eval()
-    for blk in vit.blocks:
-        for k, v in kw.items():
-            setattr(blk.attn, k, (v, v))
+    layer = f'{name}_r2' if name in ('cbsa_star', 'agent') else name     # 2x2 representatives on the 4x4 grid
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=0, attn_layer=layer).eval()
     tr = trace_model(vit, _photo())
     maps = class_token_maps(tr)
     assert maps.shape == (12, 1, 3, 4, 4) and torch.isfinite(maps).all() and (maps >= 0).all()

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..checkpoint import is_released_layout, load_weights
 from .images import SKIMAGE_PHOTOS, load_image, to_model_input
 from .maps import ModelTrace, trace_model
 
@@ -85,14 +86,12 @@ def build_model(name: str, checkpoint: Optional[str] = None, seed: int = 0, **kw
             torch.manual_seed(seed)
             return timm.create_model(name, **kwargs).eval()
     sd = timm_cbsa.read_state_dict(checkpoint)      # weights only (never unpickles code); errors name the file
-    if any(k.startswith(('transformer.layers.', 'to_patch_embedding')) for k in sd):   # the released layout
+    if is_released_layout(sd):
         variant = name if name.startswith('cbt_') else None
         return timm_cbsa.load_official_cbt(sd, variant=variant, **kwargs).eval()
     if 'head.weight' in sd and 'num_classes' not in kwargs:
         kwargs['num_classes'] = int(sd['head.weight'].shape[0])
-    model = timm.create_model(name, **kwargs)
-    model.load_state_dict(sd, strict=True)
-    return model.eval()
+    return load_weights(timm.create_model(name, **kwargs), sd).eval()
 
 
 def _random_init(args: argparse.Namespace) -> bool:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..ops.tracing import fx_leaf
+from .settings import RecordedSettings
 
 __all__ = ['ProjectedAttention', 'check_no_mask', 'merge_heads', 'split_heads']
 
@@ -54,8 +55,9 @@ def _positive_int(module: nn.Module, name: str, v) -> int:
     return v
 
 
-class ProjectedAttention(nn.Module):
+class ProjectedAttention(RecordedSettings):
     """Projections in, heads merged and projected out: what every layer of the family has around its operator.
+    ``num_heads`` (and, in subclasses, the pooling settings and ``broadcast``) travel in the state dict (``settings.py``).
 
     Args (timm's ``Attention``):
         dim: token width C.

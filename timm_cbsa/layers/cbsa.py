@@ -33,18 +33,22 @@ class CBSA(GridAwareAttention):
     """CBSA attention, a drop-in for timm's ``Attention`` (``attn_layer='cbsa'``).
 
     Args: timm's ``Attention`` arguments (``base.ProjectedAttention``; ``qkv`` is the single projection Uᵀ, q = k =
-    v) and the pooling arguments of ``GridAwareAttention`` (``rep_grid``, ``legacy_pool``, ``grid_size``,
-    ``num_prefix_tokens``, ``num_trailing_tokens``), with ``backend``: the implementation of the operator: 'eager'
-    (the reference), 'fused', 'sdpa', 'xformers', 'triton', or 'auto' ('triton' on CUDA where it runs, else
-    'fused'); None: the default of ``config.py`` ('auto' unless set). ``impl`` (in the repr) is what runs: chosen
-    now and whenever the layer moves to another device, from static checks (``ops.contract_broadcast.select``).
-    ``attn_drop`` drops entries of the extraction matrix A (it forces the eager path while training).
+    v) and the pooling arguments of ``GridAwareAttention`` (``rep_grid``, ``legacy_pool``: None takes a registered
+    'cbsa_r4'-style name's grid or the model entrypoint's defaults; ``grid_size``, ``num_prefix_tokens``,
+    ``num_trailing_tokens``), with ``backend``: the implementation of the operator: 'eager' (the reference),
+    'fused', 'sdpa', 'xformers', 'triton', or 'auto' ('triton' on CUDA where it runs, else 'fused'); None: the
+    default of ``config.py`` ('auto' unless set). ``impl`` (in the repr) is what runs: chosen now and whenever the
+    layer moves to another device, from static checks (``ops.contract_broadcast.select``). ``attn_drop`` drops
+    entries of the extraction matrix A (it forces the eager path while training).
 
     Parameters: ``qkv`` (Uᵀ), ``norm`` (qk_norm), ``step_rep`` (η) and ``step_x`` (κ), per head and sign free,
     ``norm_out`` (scale_norm), ``proj`` (the over-parameterised U_k, the paper's ``to_out``).
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens + trailing tokens.
+
+    num_heads, rep_grid and legacy_pool travel in the state dict and are checked on load (``settings.py``).
     """
+    attn_name = 'cbsa'
     step_init = 'randn'
 
     def select_impl(self) -> None:

@@ -37,6 +37,11 @@ ATTN name      class                   projections  operator
 'linear'       ``LinearAttention``     3 (q, k, v)  kernelised linear attention, φ = elu + 1 (Katharopoulos)
 =============  ======================  ===========  ==========================================================
 
+The pooled layers ('cbsa', 'cbsa_star', 'agent', 'agent_qkv') are also registered with a fixed representative grid,
+'NAME_r1' … 'NAME_r16' (layers/named.py), for ViTs built by string. Every layer records the settings that change its
+function without changing a parameter's shape (num_heads, rep_grid, legacy_pool, broadcast) in its state dict
+(layers/settings.py).
+
 The constructor (timm's signature), the projections and their parameter names are ``base.ProjectedAttention``'s;
 the pooled layers add the pooling arguments of ``layout.GridAwareAttention``. Single-projection layers are named like
 ``CBSA`` (``qkv`` = Uᵀ of shape C × C, ``norm``, ``norm_out``); three-projection layers like timm's ``Attention``
@@ -57,6 +62,7 @@ from ..ops.contract_broadcast.naive import attention_weights, contraction, extra
 from ..ops.tracing import fx_leaf
 from .base import ProjectedAttention, check_no_mask
 from .layout import GridAwareAttention
+from .settings import BROADCASTS
 
 __all__ = [
     'contract', 'contract_and_broadcast_general', 'channel_rescale_eq13', 'principal_direction_attention_eq12',
@@ -256,12 +262,14 @@ class LinearAttention(ProjectedAttention):
 class _PooledQueryAttention(GridAwareAttention):
     """The agent-style layers: representatives R pooled from the queries read the tokens (extraction A =
     softmax_N(R kᵀ s)); each token then reads the representatives (``broadcast='softmax'``: B = softmax_m(q Rᵀ s))
-    or receives through Aᵀ (``broadcast='extraction'``). Subclasses give the middle (``attend``)."""
+    or receives through Aᵀ (``broadcast='extraction'``, recorded in the state dict). Subclasses give the middle
+    (``attend``)."""
+    SETTINGS = GridAwareAttention.SETTINGS + ('broadcast',)
 
     def __init__(self, dim: int, num_heads: int = 8, *, broadcast: str = 'softmax', **kwargs):
         super().__init__(dim, num_heads, **kwargs)
-        if broadcast not in ('softmax', 'extraction'):
-            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
+        if broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}.")
         self.broadcast = broadcast
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
@@ -289,6 +297,7 @@ class AgentAttention(_PooledQueryAttention):
     ``'agent'`` has one projection (q = k = v = Uᵀz, as in the paper's Table 4 fair comparison);
     ``'agent_qkv'`` / ``AgentAttentionQKV`` keeps three (``convert(model, 'agent')``).
     """
+    attn_name = 'agent'
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """q, k, v (B, H, N, d), r (B, H, m, d) -> (B, H, N, d)."""
@@ -301,6 +310,7 @@ class AgentAttention(_PooledQueryAttention):
 
 class AgentAttentionQKV(AgentAttention):
     """``AgentAttention`` with three projections q, k, v (``attn_layer='agent_qkv'``; target of convert 'agent')."""
+    attn_name = 'agent_qkv'
     shared_qkv = False
 
 
@@ -319,6 +329,7 @@ class CBSAStar(_PooledQueryAttention):
     (so at initialisation it equals those two lines exactly). Parameter names: timm's (``qkv`` 3C × C, ``q_norm``,
     ``k_norm``, ``norm``, ``proj``) plus ``step_rep`` (η) and ``step_x`` (κ) as in ``CBSA``.
     """
+    attn_name = 'cbsa_star'
     shared_qkv = False
     step_init = 'ones'
 

@@ -1,13 +1,14 @@
 """cbsa_vit_*: timm's VisionTransformer configured with CBSA attention (``attn_layer='cbsa'``) — not a fork.
 
 Widths / depths / heads are those of ViT-T/S/B/L; the MLP, norms, class token and position embedding are timm's.
-Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``.
+Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``; the layers are
+built with them, before pretrained weights load (their settings records are checked then).
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._helpers import VIT_SIZES, finish_cbsa_model, pop_cbsa_kwargs, register_entrypoints
+from ._helpers import VIT_SIZES, build_cbsa_model, pop_cbsa_kwargs, register_entrypoints
 
 __all__ = []
 
@@ -34,7 +35,8 @@ def _create_cbsa_vit(variant: str, pretrained: bool = False, **kwargs) -> Vision
     cbsa_kwargs = pop_cbsa_kwargs(kwargs)
     out_indices = kwargs.pop('out_indices', 3)
     model_args = dict(patch_size=16, attn_layer='cbsa', qkv_bias=False, **VIT_SIZES[variant.split('_')[2]])
-    model = build_model_with_cfg(
+    return build_cbsa_model(
+        cbsa_kwargs,
         VisionTransformer,
         variant,
         pretrained,
@@ -43,7 +45,6 @@ def _create_cbsa_vit(variant: str, pretrained: bool = False, **kwargs) -> Vision
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return finish_cbsa_model(model, cbsa_kwargs)
 
 
 # cbsa_vit_{tiny,small,base,large}_patch16_224 and their short names cbsa_vit_{tiny,small,base,large}

@@ -7,11 +7,22 @@ embedding and a LayerNorm + Linear head on the class token. Parameter counts at 
 CBT-S 6,667,048, CBT-B 25,691,752, CBT-L 83,051,368.
 
 The released checkpoints (``cbt_*_best.pth.tar``) load through timm's pretrained path
-(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``. A checkpoint in the
-released key layout switches ``legacy_pool`` on (the released pooling, reproduced exactly); weights saved by timm
-(our key names) load as they are, so pass ``legacy_pool=True`` yourself when re-saving fine-tuned released weights.
+(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``. They were trained with
+the released pooling (class token pooled, last patch dropped: ``legacy_pool``) on an 8x8 representative grid. How
+they get it, with a filter that only maps the state dict:
+
+* ``cbt_checkpoint_filter_fn`` maps the released key names onto ours and adds each CBSA layer's settings record
+  (num_heads, rep_grid 8x8, legacy_pool=True; ``layers/settings.py``), so a model built otherwise refuses them with
+  an error naming the setting;
+* ``create_model('cbt_*', pretrained=True, ...)`` builds with ``legacy_pool=True`` when the pretrained file (or
+  state dict) is in the released key layout and ``legacy_pool`` is not given (one look at its keys);
+* ``load_official_cbt`` builds so too (``legacy_pool=False`` switches to the corrected pooling after loading).
+
+Weights saved by timm from such a model (our key names) carry their records and load into a model built with
+``legacy_pool=True`` only.
 """
 import math
+import os
 import re
 from functools import partial
 from typing import Any, Dict, Optional, Tuple, Union
@@ -19,17 +30,20 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
+from ..checkpoint import (
+    CheckpointMismatchError, check_keys, checkpoint_keys, is_released_layout, read_state_dict, unwrap_state_dict,
+)
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
-from ._checkpoint import read_state_dict
-from ._helpers import VIT_SIZES, configure_cbsa, finish_cbsa_model, pop_cbsa_kwargs, register_entrypoints
-from ..errors import CBSAError
+from ..layers.settings import SETTINGS_KEY
+from ._helpers import VIT_SIZES, build_cbsa_model, configure_cbsa, pop_cbsa_kwargs, register_entrypoints
 
-__all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
+__all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError',
+           'RELEASED_SETTINGS']
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -122,58 +136,38 @@ _OFFICIAL_KEY_RULES = [
 ]
 
 
-class CheckpointMismatchError(CBSAError, RuntimeError):
-    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+# what the released code computes with its weights (m = 64 hard-coded; pools w[:, :-1]: see layers/layout.py)
+RELEASED_SETTINGS = dict(rep_grid=(8, 8), legacy_pool=True)
 
 
-def _unwrap(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    if isinstance(checkpoint, dict):
-        for key in ('state_dict', 'model', 'model_state_dict', 'module'):
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                return _unwrap(checkpoint[key])
-        return checkpoint
-    raise CheckpointMismatchError(f'Expected a state dict (or a dict holding one), got {type(checkpoint).__name__}.')
-
-
-def _check_against(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        lines = ['Checkpoint does not match the model:']
-        for name, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', mismatched)):
-            if items:
-                shown = ', '.join(items[:12]) + (f', ... ({len(items)} in all)' if len(items) > 12 else '')
-                lines.append(f'  {name}: {shown}')
-        raise CheckpointMismatchError('\n'.join(lines))
-
-
-def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
-    """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``.
-
-    A checkpoint in the released key layout also switches the model's CBSA layers to ``legacy_pool=True``. Resamples the position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming
-    missing / unexpected / mis-shaped keys.
-    """
-    state_dict = _unwrap(checkpoint)
+def _map_released(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Released key names -> ours, plus each CBSA layer's settings record (RELEASED_SETTINGS, its head count)."""
     out = {}
-    released_layout = False
     for k, v in state_dict.items():
-        if k.startswith('module.'):
-            k = k[len('module.'):]
-        released_layout |= k.startswith('transformer.layers.')
         for pattern, repl in _OFFICIAL_KEY_RULES:
             new_k, n = re.subn(pattern, repl, k)
             if n:
                 k = new_k
                 break
         out[k] = v
-    if released_layout:
-        # weights trained by the released code only make sense with its pooling (class token pooled, last patch
-        # dropped), so a checkpoint in the released key layout switches legacy pooling on
-        configure_cbsa(model, legacy_pool=True)
+    for k, v in list(out.items()):
+        layer = re.fullmatch(r'(blocks\.\d+\.attn\.)step_rep', k)      # step_rep: (heads, 1, 1)
+        if layer:
+            out[layer.group(1) + SETTINGS_KEY] = CBSA.settings_record(num_heads=v.shape[0], **RELEASED_SETTINGS)
+    return out
+
+
+def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``'s keys.
+
+    A pure function of the checkpoint (``model`` is only read): the released layout gets our key names and the
+    settings records of the released code (``RELEASED_SETTINGS``), which the model's layers then check. Resamples the
+    position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming missing / unexpected /
+    mis-shaped keys.
+    """
+    out = unwrap_state_dict(checkpoint)
+    if is_released_layout(out):
+        out = _map_released(out)
     pos = out.get('pos_embed')
     if pos is not None and pos.shape != model.pos_embed.shape and pos.ndim == 3:
         old_n = pos.shape[1] - model.num_prefix_tokens
@@ -182,7 +176,7 @@ def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[
             out['pos_embed'] = resample_abs_pos_embed(
                 pos, new_size=model.patch_embed.grid_size, old_size=(old_side, old_side),
                 num_prefix_tokens=model.num_prefix_tokens, verbose=True)
-    _check_against(out, model)
+    check_keys(out, model)
     return out
 
 
@@ -206,6 +200,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _pretrained_is_released(cfg) -> bool:
+    """Whether the weights ``cfg`` points at (a file or a state dict) are in the released key layout."""
+    if cfg.state_dict:
+        return is_released_layout(unwrap_state_dict(cfg.state_dict))
+    return bool(cfg.file) and os.path.isfile(cfg.file) and is_released_layout(checkpoint_keys(cfg.file))
+
+
 def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     cbsa_kwargs = pop_cbsa_kwargs(kwargs)
     if pretrained:
@@ -215,12 +216,15 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
                 f'{variant}: the released CBT weights cannot be downloaded by timm. Download cbt_*_best.pth.tar from '
                 f'the authors and pass it: timm.create_model("{variant}", pretrained=True, '
                 f'pretrained_cfg_overlay=dict(file=PATH)) or timm_cbsa.load_official_cbt(PATH).')
+        if 'legacy_pool' not in cbsa_kwargs and _pretrained_is_released(cfg):
+            cbsa_kwargs['legacy_pool'] = True    # the released weights' pooling (module docstring)
     out_indices = kwargs.pop('out_indices', 3)
     size = variant.split('_')[1]
     model_args = dict(
         patch_size=16, embed_layer=ConvStemPatchEmbed, block_fn=CBTBlock, qkv_bias=False,
         norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **VIT_SIZES[size])
-    model = build_model_with_cfg(
+    return build_cbsa_model(
+        cbsa_kwargs,
         VisionTransformer,
         variant,
         pretrained,
@@ -228,7 +232,6 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return finish_cbsa_model(model, cbsa_kwargs)
 
 
 # the paper's CBT-T/S/B/L (Table 3): params (M) at 1000 classes and ImageNet-1k top-1 (%) as the paper reports them
@@ -246,8 +249,12 @@ def load_official_cbt(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> VisionTransformer:
-    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on
-    (unless ``legacy_pool=False`` is passed).
+    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict).
+
+    The model is built with the pooling the checkpoint was trained with: ``legacy_pool=True`` for the released key
+    layout (the filter adds the released settings records, which the layers check), as recorded otherwise. An explicit
+    ``legacy_pool`` is applied after loading: ``legacy_pool=False`` evaluates the released weights with the
+    corrected pooling (a different function of the same weights).
 
     A path is read with ``weights_only=True`` (``read_state_dict``): a file that needs any type beyond tensors and
     plain containers is refused with ``UnsafeCheckpointError``; a missing, empty or corrupt file raises
@@ -256,8 +263,9 @@ def load_official_cbt(
     ``variant`` (cbt_tiny/small/base/large) is inferred from the checkpoint's width and depth when omitted.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        checkpoint = read_state_dict(checkpoint)      # weights only: a checkpoint cannot run code (see _checkpoint.py)
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in _unwrap(checkpoint).items()}
+        state_dict = read_state_dict(checkpoint)      # weights only: a checkpoint cannot run code (checkpoint.py)
+    else:
+        state_dict = unwrap_state_dict(checkpoint)
     if variant is None:
         width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
         depth = len({k.split('.')[2] for k in state_dict if k.startswith('transformer.layers.')})
@@ -271,8 +279,8 @@ def load_official_cbt(
         num_classes = head_w.shape[0] if head_w is not None else 1000
     legacy_pool = kwargs.pop('legacy_pool', None)
     from timm import create_model
-    model = create_model(variant, num_classes=num_classes, **kwargs)
-    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)  # switches legacy pooling on
-    if legacy_pool is not None:  # an explicit choice wins
+    model = create_model(variant, num_classes=num_classes, legacy_pool=is_released_layout(state_dict), **kwargs)
+    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)
+    if legacy_pool is not None:  # an explicit choice, after loading
         configure_cbsa(model, legacy_pool=legacy_pool)
     return model
