@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Union
 import torch
 from torch import nn
 
+from .errors import CBSAError
 from .layers.settings import CBSAConfigMismatchError, settings_keys
 
 __all__ = ['CheckpointLoadError', 'UnsafeCheckpointError', 'CheckpointMismatchError', 'CBSAConfigMismatchError',
@@ -40,7 +41,7 @@ _EMA_WRAPPERS = ('state_dict_ema', 'model_ema')
 _RELEASED_PREFIXES = ('transformer.layers.', 'to_patch_embedding.')
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(CBSAError, RuntimeError):
     """A checkpoint file cannot be read (missing, empty, truncated, not a checkpoint)."""
 
 
@@ -48,7 +49,7 @@ class UnsafeCheckpointError(CheckpointLoadError):
     """A checkpoint file needs a type that loading with ``weights_only=True`` does not allow (it could run code)."""
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(CBSAError, RuntimeError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
 
 

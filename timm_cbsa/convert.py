@@ -49,6 +49,7 @@ from .checkpoint import CheckpointMismatchError, check_keys, read_checkpoint, un
 from .layers.named import base_layer_name, grid_layer_name
 from .layers.settings import SETTINGS_KEY
 from .models._helpers import cbsa_config, check_cbsa_config, configure_cbsa
+from .errors import CBSAError
 
 __all__ = [
     'VARIANTS', 'ConversionReport', 'UnsupportedModelError', 'convert', 'create_with_attention', 'attention_kind',
@@ -70,7 +71,7 @@ _SUPPORTED = ('timm VisionTransformer models whose blocks use timm Attention: vi
 _POOLED = (CBSAStar, AgentAttentionQKV, CBSA)
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(CBSAError, TypeError):
     """The model is not a timm ViT whose attention convert() / attn_layer= can replace."""
 
 
@@ -282,7 +283,7 @@ def create_with_attention(model_name: str, attn_layer: str, **kwargs) -> nn.Modu
     """``timm.create_model(model_name, attn_layer=attn_layer, **kwargs)`` with a clear error for families whose
     attention cannot be chosen by ``attn_layer`` (Eva-family: eva02_*, vit_*_rope_*; CNNs; ...)."""
     import timm
-    from timm.models import get_pretrained_cfg, is_model, model_entrypoint
+    from timm.models import is_model, model_entrypoint
     from timm.models.vision_transformer import ATTN_LAYERS
     if attn_layer not in ATTN_LAYERS:
         names = sorted(n for n in ATTN_LAYERS if base_layer_name(n) == n)

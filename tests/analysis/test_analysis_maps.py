@@ -10,8 +10,8 @@ import timm
 import timm_cbsa  # noqa: F401
 from timm.utils import AttentionExtract
 from timm_cbsa.analysis import (
-    class_token_maps, extraction_matrix, full_attention, query_attention, square_finder_model, synthetic_square,
-    to_model_input, trace_model, upsample_map, map_to_mask, iou,
+    class_token_maps, extraction_matrix, full_attention, head_map, head_mean_map, query_attention, square_finder_model,
+    synthetic_square, to_model_input, trace_model, upsample_map, map_to_mask, iou,
 )
 
 
@@ -138,3 +138,15 @@ def test_converted_attention_layers(name):
     full = full_attention(tr.layers[0])
     if tr.layers[0].kind in ('softmax', 'linear'):          # row-stochastic token-to-token maps
         torch.testing.assert_close(full.sum(-1), torch.ones(full.shape[:-1]), rtol=1e-4, atol=1e-4)
+
+
+def test_head_mean_map_puts_heads_on_one_scale():
+    """Each head's map divided by its own maximum, then averaged: a head with 100x larger values does not dominate."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 4, 5, generator=g), torch.rand(3, 4, 5, generator=g)     # (B, gh, gw) per head
+    maps = torch.stack([a, 100 * b], dim=1)                                          # (B, H=2, gh, gw)
+    want = torch.stack([(a[i] / a[i].max() + b[i] / b[i].max()) / 2 for i in range(3)])
+    torch.testing.assert_close(head_mean_map(maps), want)
+    torch.testing.assert_close(head_map(maps, 'mean'), want)
+    torch.testing.assert_close(head_map(maps, '1'), 100 * b)
+    assert torch.equal(head_mean_map(torch.zeros(2, 4, 5)), torch.zeros(4, 5))     # all-zero maps stay zero

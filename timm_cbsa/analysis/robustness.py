@@ -305,7 +305,7 @@ def _collect(args: argparse.Namespace, device: torch.device) -> Tuple[str, List[
 
 def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     """The ``robustness`` subcommand; returns the summary rows."""
-    from ..viz import write_csv
+    from .common import write_csv
     if args.threads:
         torch.set_num_threads(args.threads)
     task, rows = _collect(args, torch.device(args.device))

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 import torch.utils.data
 
+from ..errors import CBSAError
+
 __all__ = [
     "FashionMNIST",
     "DEFAULT_FASHION_MNIST_DIR",
@@ -49,7 +51,7 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "t10k":
                   "val": "test", "validation": "test", "eval": "test"}
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(CBSAError, FileNotFoundError):
     """Raised when a dataset directory or file is missing or malformed."""
 
 

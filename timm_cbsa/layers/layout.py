@@ -1,4 +1,5 @@
-"""Where CBSA layers learn the patch grid — per call, never from state left behind by another call.
+"""The base of CBSA and the family's pooled layers (``GridAwareAttention``: pooling configuration, backend, the
+representatives) and where such layers learn the patch grid — per call, never from state left behind by another call.
 
 A CBSA layer pools the patch tokens on their real (H_p, W_p) grid. timm's ``Block`` hands attention only ``x``
 (B, N, C), and with ``dynamic_img_size=True`` the grid changes from call to call (224×224 → 14×14, 160×320 → 10×20,
@@ -35,10 +36,11 @@ import torch
 from torch import nn
 
 from ..ops.contract_broadcast import check_request, strict
-from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
-from ._fx import is_fx_tracing, register_notrace_function
+from ..ops.contract_broadcast.pooling import PoolSpec, pool_representatives, to_grid
+from ..ops.tracing import fx_leaf, is_fx_tracing
+from .base import ProjectedAttention
+from .config import resolve_backend
 from .named import REP_GRID_NAMES
-from .settings import RecordedSettings
 
 __all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
            'check_token_layout', 'check_rep_grid_fits', 'pooling_defaults', 'DEFAULT_REP_GRID']
@@ -73,7 +75,7 @@ def current_patch_grid() -> Optional[Tuple[int, int]]:
 
 
 # input check: FX keeps it as a leaf call (it branches on sizes); torch.fx.wrap must be called in this module
-@register_notrace_function
+@fx_leaf
 def check_token_layout(
         num_tokens: int,
         grid_size: Tuple[int, int],
@@ -108,21 +110,28 @@ def check_token_layout(
 torch.fx.wrap('check_token_layout')
 
 
-class GridAwareAttention(RecordedSettings):
-    """Base class of attention layers that pool representatives on the patch grid (CBSA and its relatives).
+class GridAwareAttention(ProjectedAttention):
+    """The base of the layers with representatives pooled on the patch grid: CBSA and its family (CBSA*, agent).
 
     Token layout: N = prefix tokens + H_p*W_p patch tokens (raster order) + trailing tokens (e.g. the class
-    embeddings a segmentation decoder appends; never pooled).
+    embeddings a segmentation decoder appends; never pooled). Representatives are the queries (with one projection:
+    the projected tokens) average-pooled on the patch grid (``representatives``).
+
+    Args: timm's ``Attention`` arguments (``ProjectedAttention``), and, by keyword:
+        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. None: the class's ``named_rep_grid`` (the
+            registered 'cbsa_r4'-style names), else ``pooling_defaults`` (our model entrypoints), else 8 → m = 64.
+        legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
+            None: ``pooling_defaults``, else False.
+        grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid.
+        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
+        num_trailing_tokens: tokens after the patch tokens that are not pooled.
+        backend: the requested implementation ('auto', 'eager', 'fused', 'sdpa', 'xformers', 'triton'); None: the
+            default of ``config.py``.
 
     Attributes (configuration, set at construction, by ``configure_cbsa`` or at binding; never changed by forward):
-        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w. Built from the argument, else the class's
-            ``named_rep_grid`` (the registered 'cbsa_r4'-style names), else ``pooling_defaults``, else 8.
-        legacy_pool: pool like the released code (every token but the last: class token in, last patch out).
-        grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
-        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
-        num_trailing_tokens: tokens after the patch tokens.
+        rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens: as above (``rep_grid`` a pair).
         follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
-        backend: the requested implementation ('auto' or a name; assigning it re-selects ``impl``).
+        backend: the requested implementation (assigning it re-selects ``impl``).
         impl: the implementation that runs, chosen by ``select_impl`` from static facts when ``backend`` is set and
             whenever the layer moves to another device (``.to()``, ``.cuda()``); ``impl_note``: why it differs from
             the request ('' when it does not).
@@ -140,26 +149,26 @@ class GridAwareAttention(RecordedSettings):
 
     def __init__(
             self,
+            dim: int,
+            num_heads: int = 8,
+            *,
             rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
             legacy_pool: Optional[bool] = None,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,
+            backend: Optional[str] = None,
+            **kwargs,
     ):
-        super().__init__()
+        super().__init__(dim, num_heads, **kwargs)
         self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
         self.follow_patch_embed = False
+        self.backend = resolve_backend(backend)     # selects self.impl
         _install_registration_hook()
 
-    def set_pooling(
-            self,
-            rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
-            legacy_pool: Optional[bool] = None,
-            grid_size: Optional[Tuple[int, int]] = None,
-            num_prefix_tokens: int = -1,
-            num_trailing_tokens: int = 0,
-    ) -> None:
-        """Set (checked) the pooling configuration; see the class docstring (None: the construction default)."""
+    def set_pooling(self, rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens) -> None:
+        """Set (checked) the pooling configuration; see the constructor's arguments (None: the construction
+        default)."""
         defaults: Dict[str, Any] = _DEFAULTS.get()
         named = type(self).named_rep_grid
         for source, given in (('rep_grid', rep_grid), ('the model\'s rep_grid', defaults.get('rep_grid'))):
@@ -175,6 +184,16 @@ class GridAwareAttention(RecordedSettings):
         if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
             raise ValueError(f'num_trailing_tokens must be an int >= 0, got {num_trailing_tokens!r}.')
         self.num_trailing_tokens = num_trailing_tokens
+
+    def extra_repr(self) -> str:
+        note = f' ({self.impl_note})' if self.impl_note else ''
+        return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
+                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}, '
+                f'impl={self.impl!r}{note}')
+
+    def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B, H, N, d) queries (projected tokens) -> (B, H, m, d) pooled initial representatives Q_ini."""
+        return pool_representatives(q, self.pool_spec(q.shape[2], grid_size))
 
     @property
     def num_representatives(self) -> int:
@@ -193,6 +212,13 @@ class GridAwareAttention(RecordedSettings):
         """Layers without the operator (the family's pooled layers) run torch SDPA unless 'eager' is asked for."""
         self.impl = 'eager' if self._backend == 'eager' else 'sdpa'
         self.impl_note = ''
+
+    def runs_sdpa(self) -> bool:
+        """The family's pooled layers: any backend but 'eager' runs torch SDPA (not while attention dropout
+        trains, not under TorchScript)."""
+        if torch.jit.is_scripting():
+            return False
+        return self.impl != 'eager' and not (self.training and self.attn_drop.p > 0)
 
     def check_strict(self) -> None:
         """With TIMM_CBSA_STRICT_BACKEND=1, running another implementation than the requested one is an error."""

@@ -39,6 +39,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
+from ..errors import CBSAError
+
 __all__ = ['CBSAConfigMismatchError', 'RecordedSettings', 'FORMAT', 'BROADCASTS', 'SETTINGS_KEY',
            'describe_differences', 'settings_keys']
 
@@ -50,7 +52,7 @@ BROADCASTS = ('softmax', 'extraction')
 _WIDTH = {'num_heads': 1, 'rep_grid': 2, 'legacy_pool': 1, 'broadcast': 1}
 
 
-class CBSAConfigMismatchError(ValueError):
+class CBSAConfigMismatchError(CBSAError, ValueError):
     """Weights were saved with other CBSA settings (rep_grid, legacy_pool, num_heads, broadcast) than the model has:
     the same weights would compute a different function."""
 

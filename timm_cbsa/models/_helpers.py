@@ -1,14 +1,16 @@
-"""Shared by the model files: building with the CBSA-specific model kwargs (``build_cbsa_model``), changing them
-later (``configure_cbsa``), and the model-level CBSA configuration (``cbsa_config`` / ``check_cbsa_config``).
+"""Shared by the model files: the size table and entrypoint registration, building with the CBSA-specific model
+kwargs (``build_cbsa_model``), changing them later (``configure_cbsa``), and the model-level CBSA configuration
+(``cbsa_config`` / ``check_cbsa_config``).
 
 The settings that change what the weights compute (rep_grid, legacy_pool) are fixed while the layers are built
 (``pooling_defaults``), so pretrained weights load into a model that already has them — and every layer checks them
 against the record saved with its weights (``layers/settings.py``)."""
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, register_model
 
 from ..layers.config import resolve_backend
 from ..layers.layout import (
@@ -18,13 +20,37 @@ from ..layers.named import grid_layer_name
 from ..layers.settings import CBSAConfigMismatchError, describe_differences
 from ..ops.contract_broadcast.pooling import to_grid
 
-__all__ = ['CBSA_MODEL_KWARGS', 'pop_cbsa_kwargs', 'build_cbsa_model', 'configure_cbsa', 'cbsa_config',
-           'check_cbsa_config', 'CBSAConfigMismatchError']
+__all__ = ['CBSA_MODEL_KWARGS', 'VIT_SIZES', 'pop_cbsa_kwargs', 'build_cbsa_model', 'configure_cbsa', 'cbsa_config',
+           'check_cbsa_config', 'register_entrypoints', 'CBSAConfigMismatchError']
 
 _logger = logging.getLogger(__name__)
 
+# ViT-T/S/B/L: width, depth, heads. The paper's CBT-T/S/B/L (Table 3) have the same; cbsa_vit_* are these ViTs.
+VIT_SIZES = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
 # kwargs every CBSA model entrypoint accepts on top of the VisionTransformer ones; they carry no parameters
 CBSA_MODEL_KWARGS = ('rep_grid', 'legacy_pool', 'backend')
+
+
+def _entrypoint(module: str, name: str, create: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create(name, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__, entrypoint.__doc__ = module, doc
+    return entrypoint
+
+
+def register_entrypoints(module: str, create: Callable[..., nn.Module], docs: Dict[str, str]) -> None:
+    """Register one timm entrypoint per name of ``docs`` (its docstring): ``name(pretrained=False, **kwargs)`` returns
+    ``create(name, pretrained, **kwargs)``. It belongs to ``module`` (whose ``default_cfgs`` hold the pretrained cfgs,
+    and where it becomes an attribute), as if defined there with ``@register_model``."""
+    for name, doc in docs.items():
+        setattr(sys.modules[module], name, register_model(_entrypoint(module, name, create, doc)))
 
 
 def pop_cbsa_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -5,19 +5,12 @@ Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy
 built with them, before pretrained weights load (their settings records are checked then).
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._helpers import build_cbsa_model, pop_cbsa_kwargs
+from ._helpers import VIT_SIZES, build_cbsa_model, pop_cbsa_kwargs, register_entrypoints
 
 __all__ = []
-
-_ARCHS = {
-    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'base': dict(embed_dim=768, depth=12, num_heads=12),
-    'large': dict(embed_dim=1024, depth=24, num_heads=16),
-}
 
 
 def _cfg(**kwargs):
@@ -33,15 +26,15 @@ def _cfg(**kwargs):
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'cbsa_vit_{size}_patch16_224': _cfg() for size in _ARCHS},
-    **{f'cbsa_vit_{size}': _cfg() for size in _ARCHS},
+    **{f'cbsa_vit_{size}_patch16_224': _cfg() for size in VIT_SIZES},
+    **{f'cbsa_vit_{size}': _cfg() for size in VIT_SIZES},
 })
 
 
-def _create_cbsa_vit(variant: str, size: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def _create_cbsa_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     cbsa_kwargs = pop_cbsa_kwargs(kwargs)
     out_indices = kwargs.pop('out_indices', 3)
-    model_args = dict(patch_size=16, attn_layer='cbsa', qkv_bias=False, **_ARCHS[size])
+    model_args = dict(patch_size=16, attn_layer='cbsa', qkv_bias=False, **VIT_SIZES[variant.split('_')[2]])
     return build_cbsa_model(
         cbsa_kwargs,
         VisionTransformer,
@@ -54,49 +47,8 @@ def _create_cbsa_vit(variant: str, size: str, pretrained: bool = False, **kwargs
     )
 
 
-@register_model
-def cbsa_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Tiny/16 with CBSA attention (d=192, 12 layers, 3 heads)."""
-    return _create_cbsa_vit('cbsa_vit_tiny_patch16_224', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Small/16 with CBSA attention (d=384, 12 layers, 6 heads)."""
-    return _create_cbsa_vit('cbsa_vit_small_patch16_224', 'small', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Base/16 with CBSA attention (d=768, 12 layers, 12 heads)."""
-    return _create_cbsa_vit('cbsa_vit_base_patch16_224', 'base', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Large/16 with CBSA attention (d=1024, 24 layers, 16 heads)."""
-    return _create_cbsa_vit('cbsa_vit_large_patch16_224', 'large', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_tiny_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_tiny', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_small_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_small', 'small', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_base_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_base', 'base', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_large(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_large_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_large', 'large', pretrained, **kwargs)
+# cbsa_vit_{tiny,small,base,large}_patch16_224 and their short names cbsa_vit_{tiny,small,base,large}
+register_entrypoints(__name__, _create_cbsa_vit, {
+    name: f"ViT-{size[0].upper()}/16 with CBSA attention (d={a['embed_dim']}, {a['depth']} layers, {a['num_heads']} heads)."
+    for size, a in VIT_SIZES.items() for name in (f'cbsa_vit_{size}_patch16_224', f'cbsa_vit_{size}')
+})

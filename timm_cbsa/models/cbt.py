@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
@@ -40,7 +40,7 @@ from ..checkpoint import (
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
 from ..layers.settings import SETTINGS_KEY
-from ._helpers import build_cbsa_model, configure_cbsa, pop_cbsa_kwargs
+from ._helpers import VIT_SIZES, build_cbsa_model, configure_cbsa, pop_cbsa_kwargs, register_entrypoints
 
 __all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError',
            'RELEASED_SETTINGS']
@@ -92,36 +92,19 @@ class ConvStemPatchEmbed(PatchEmbed):
 
 
 class CBTBlock(nn.Module):
-    """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Accepts timm's block_fn keyword arguments."""
+    """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Takes timm's ``block_fn`` keyword arguments: the
+    attention ones (qkv_bias, qk_norm, proj_bias, attn_drop, proj_drop) go to ``CBSA``, those of the MLP and layer
+    scale that CBT does not have (``IGNORED_BLOCK_ARGS``) are dropped; anything else is an error."""
+    IGNORED_BLOCK_ARGS = ('mlp_ratio', 'scale_mlp_norm', 'init_values', 'act_layer', 'mlp_layer', 'attn_layer', 'depth')
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_attn_norm: bool = False,
-            scale_mlp_norm: bool = False,
-            proj_bias: bool = True,
-            init_values: Optional[float] = None,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            norm_layer=nn.LayerNorm,
-            act_layer=None,
-            mlp_layer=None,
-            attn_layer=None,
-            depth: int = 0,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, num_heads: int, scale_attn_norm: bool = False, drop_path: float = 0.,
+                 norm_layer=nn.LayerNorm, device=None, dtype=None, **kwargs):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        attn_kwargs = {k: v for k, v in kwargs.items() if k not in self.IGNORED_BLOCK_ARGS}
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = CBSA(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
-            proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.attn = CBSA(dim, num_heads=num_heads, scale_norm=scale_attn_norm, norm_layer=norm_layer, **attn_kwargs,
+                         **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.ista = ISTA(dim, **dd)
@@ -135,13 +118,6 @@ class CBTBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return self.ista(self.norm2(x))
 
-
-_SIZES = {
-    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'base': dict(embed_dim=768, depth=12, num_heads=12),
-    'large': dict(embed_dim=1024, depth=24, num_heads=16),
-}
 
 # released checkpoint key -> ours (the released model: to_patch_embedding / pos_embedding / cls_token /
 # transformer.layers.i.{0: PreNorm(CBSA), 1: PreNorm(ISTA)} / mlp_head.{0: LayerNorm, 1: Linear})
@@ -220,7 +196,7 @@ def _cfg(**kwargs):
 # the file: create_model('cbt_small', pretrained=True, pretrained_cfg_overlay=dict(file='cbt_small_best.pth.tar'))
 default_cfgs = generate_default_cfgs({
     f'cbt_{size}.official_in1k': _cfg(crop_pct=224 / 256, notes=('released checkpoint; needs legacy_pool',))
-    for size in _SIZES
+    for size in VIT_SIZES
 })
 
 
@@ -246,7 +222,7 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
     size = variant.split('_')[1]
     model_args = dict(
         patch_size=16, embed_layer=ConvStemPatchEmbed, block_fn=CBTBlock, qkv_bias=False,
-        norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **_SIZES[size])
+        norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **VIT_SIZES[size])
     return build_cbsa_model(
         cbsa_kwargs,
         VisionTransformer,
@@ -258,28 +234,13 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
     )
 
 
-@register_model
-def cbt_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-T: d=192, 12 layers, 3 heads, m=64 (1.8M params, 63.2% IN-1k in the paper)."""
-    return _create_cbt('cbt_tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbt_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-S: d=384, 12 layers, 6 heads, m=64 (6.7M params, 71.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_small', pretrained, **kwargs)
-
-
-@register_model
-def cbt_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-B: d=768, 12 layers, 12 heads, m=64 (25.7M params, 73.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_base', pretrained, **kwargs)
-
-
-@register_model
-def cbt_large(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-L: d=1024, 24 layers, 16 heads, m=64 (83.1M params, 74.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_large', pretrained, **kwargs)
+# the paper's CBT-T/S/B/L (Table 3): params (M) at 1000 classes and ImageNet-1k top-1 (%) as the paper reports them
+register_entrypoints(__name__, _create_cbt, {
+    f'cbt_{size}': f"CBT-{size[0].upper()}: d={VIT_SIZES[size]['embed_dim']}, {VIT_SIZES[size]['depth']} layers, "
+                   f"{VIT_SIZES[size]['num_heads']} heads, m=64 ({params}M params, {top1}% IN-1k in the paper)."
+    for size, (params, top1) in {'tiny': (1.8, 63.2), 'small': (6.7, 71.4), 'base': (25.7, 73.4),
+                                 'large': (83.1, 74.4)}.items()
+})
 
 
 def load_official_cbt(
@@ -308,7 +269,7 @@ def load_official_cbt(
     if variant is None:
         width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
         depth = len({k.split('.')[2] for k in state_dict if k.startswith('transformer.layers.')})
-        matches = [s for s, a in _SIZES.items() if a['embed_dim'] == width and a['depth'] == depth]
+        matches = [s for s, a in VIT_SIZES.items() if a['embed_dim'] == width and a['depth'] == depth]
         if not matches:
             raise CheckpointMismatchError(
                 f'Cannot tell the CBT variant of this checkpoint (width {width}, depth {depth}); pass variant=.')
