@@ -104,7 +104,7 @@ def _check_card(folder, model, repo_id, size, in_chans=3):
     header = yaml.safe_load(card.split('---\n')[1])
     assert header['library_name'] == 'timm' and 'timm_cbsa' in header['tags']
     assert (card.index('```bash\npip install timm_cbsa\n```') < card.index('\nimport timm_cbsa')
-            < card.index('\nmodel = timm.create_model('))
+            < card.index('model = timm.create_model('))
     assert all(s in card for s in ('Wen, Qishuai and Huang, Zhiyuan and Li, Chun-Guang', 'arXiv', '2509.16875',
                                    'Towards Interpretable and Efficient Attention: Compressing All by Contracting'))
     scope = {}
@@ -129,18 +129,25 @@ def test_save_to_folder_cbsa_vit(tmp_path):
     assert 'Not recorded' in card                   # no recipe given, none claimed
 
 
-def test_save_to_folder_converted_vit_restores_rep_grid_via_card(tmp_path):
-    """A converted vit_*'s entrypoint takes no rep_grid: the card's snippet re-applies it (else logits differ)."""
-    model = _jitter(timm.create_model('vit_tiny_patch16_224', depth=2, img_size=128, num_classes=5)).eval()
-    timm_cbsa.convert(model, 'cbsa', rep_grid=4)
-    folder = timm_cbsa.save_to_folder(model, tmp_path / 'vit', repo_id='me/vit-cbsa')
-    card = _check_card(folder, model, 'me/vit-cbsa', 128)
-    assert 'timm_cbsa.configure_cbsa(model, rep_grid=(4, 4), legacy_pool=False)' in card
-    assert '`cbsa` (a timm ViT with `attn_layer` set: recorded in config.json)' in card
-    plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()   # default rep_grid 8
+def test_save_to_folder_converted_vit_restores_rep_grid(tmp_path):
+    """A converted vit_*'s entrypoint takes no rep_grid: a square grid travels as a named layer ('cbsa_r4') in
+    config.json; a grid no name carries (2x4) is re-applied by the card's snippet (else logits differ)."""
     x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        assert not torch.allclose(plain(x), model(x))
+    for grid, name in ((4, 'cbsa_r4'), ((2, 4), 'cbsa')):
+        model = _jitter(timm.create_model('vit_tiny_patch16_224', depth=2, img_size=128, num_classes=5)).eval()
+        timm_cbsa.convert(model, 'cbsa', rep_grid=grid)
+        folder = timm_cbsa.save_to_folder(model, tmp_path / name, repo_id='me/vit-cbsa')
+        card = _check_card(folder, model, 'me/vit-cbsa', 128)
+        assert f'`{name}` (a timm ViT with `attn_layer` set: recorded in config.json)' in card
+        snippet = 'with timm_cbsa.pooling_defaults(rep_grid=(2, 4), legacy_pool=False):'
+        assert (snippet in card) == (name == 'cbsa'), card
+        if name == 'cbsa_r4':   # the plain call rebuilds the grid from config.json
+            plain = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+            with torch.no_grad():
+                assert torch.equal(plain(x), model(x))
+        else:                   # without the snippet's settings the weights are refused, not silently misused
+            with pytest.raises(timm_cbsa.CBSAConfigMismatchError, match=r'rep_grid: saved \[2, 4\], model \[8, 8\]'):
+                timm.create_model(f'local-dir:{folder}', pretrained=True)
 
 
 def test_save_to_folder_shipped_fmnist_weights_card_has_their_provenance(tmp_path):

@@ -17,7 +17,7 @@ from timm.models.vision_transformer import ATTN_LAYERS as _ATTN_LAYERS
 from .errors import CBSAError
 from .layers import (
     BACKENDS, CBSA, ISTA, MSSA, TSSA, AgentAttention, AgentAttentionQKV, CBSAStar, GridAwareAttention, LinearAttention,
-    bind_patch_grid, get_backend, set_backend, use_backend,
+    bind_patch_grid, get_backend, pooling_defaults, set_backend, use_backend,
 )
 from .layers import NAMED_ATTN_LAYERS as _NAMED_ATTN_LAYERS
 from .layers.family import FAMILY_ATTN_LAYERS as _FAMILY_ATTN_LAYERS
@@ -49,7 +49,7 @@ __all__ = [
     # the process-wide backend default and per-model backends
     'BACKENDS', 'get_backend', 'set_backend', 'use_backend',
     # models: configuration, patch grid, released weights
-    'configure_cbsa', 'cbsa_config', 'check_cbsa_config', 'bind_patch_grid', 'load_official_cbt',
+    'configure_cbsa', 'cbsa_config', 'check_cbsa_config', 'bind_patch_grid', 'pooling_defaults', 'load_official_cbt',
     # converting timm ViTs
     'convert', 'create_with_attention', 'ConversionReport', 'attention_kind', 'save_converted', 'load_converted',
     # checkpoints and the Hub

@@ -83,14 +83,25 @@ def _settings(model: nn.Module, model_args: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _rebuilt_config(model: nn.Module, model_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The CBSA configuration of the model ``create_model`` rebuilds from config.json (built on the meta device)."""
+    import timm
+    with torch.device('meta'):
+        rebuilt = timm.create_model(model.pretrained_cfg.get('architecture'), **model_args)
+    return cbsa_config(rebuilt)
+
+
 def _usage(model: nn.Module, repo_id: str, model_args: Dict[str, Any]) -> str:
     cfg = cbsa_config(model)
     lines = ['```bash', 'pip install timm_cbsa', '```', '', '```python', 'import timm',
-             'import timm_cbsa  # registers the CBSA models and attn_layer strings: import it before create_model', '',
-             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
-    if cfg and any(k not in model_args for k in cfg):   # e.g. a converted vit_*: its entrypoint takes no rep_grid
-        lines.append(f"timm_cbsa.configure_cbsa(model, rep_grid={tuple(cfg['rep_grid'])}, "
-                     f"legacy_pool={cfg['legacy_pool']})  # the CBSA settings these weights were trained with")
+             'import timm_cbsa  # registers the CBSA models and attn_layer strings: import it before create_model', '']
+    create = f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"
+    if cfg and _rebuilt_config(model, model_args) != cfg:   # settings config.json cannot carry (e.g. a 2x4 grid)
+        lines += [f"with timm_cbsa.pooling_defaults(rep_grid={tuple(cfg['rep_grid'])}, "
+                  f"legacy_pool={cfg['legacy_pool']}):  # the CBSA settings these weights need",
+                  '    ' + create]
+    else:
+        lines.append(create)
     lines += ['```']
     return '\n'.join(lines)
 
