@@ -5,10 +5,11 @@ FlopCounterMode on the meta device (``timm_cbsa.segmentation.decoder_flops``), n
     python benchmarks/seg_decoder_flops.py            # writes benchmarks/results/seg_decoder_flops.{csv,md}
 
 Columns: 'blocks' = the decoder layers alone (the paper's and Segmenter's "decoder GFLOPs"), 'total' = with the input
-projection and the mask head. 'released layout' is the closed form of the released CBT decoder, whose CBSA layers
-project the d_enc-wide tokens to 3 x 100 = 300 inside the attention (qkv: d_enc -> 300, out: 300 -> d_enc) while this
-package's CBSA layer keeps one width D for tokens and heads (the decoder runs at D = 300 after a d_enc -> 300 input
-projection): 3 x 2 x [2·N·d_enc·300 + 3·N·m·300 + 2·m²·300], N = patches + 150 classes, m = 100.
+projection and the mask head. 'closed form' is the CBSA blocks' count written out for the released CBT decoder, whose
+layers keep the encoder's width d_enc for the tokens and project to 3 heads x 100 = 300 inside the attention (Uᵀ:
+d_enc -> 300, output: 300 -> d_enc; here ``attn_head_dim=100``): 3 x 2 x [2·N·d_enc·300 + 3·N·m·300 + 2·m²·300],
+N = patches + 150 classes, m = 100. The paper's B / L decoders (7.8 / 22.3 G) are wider; their configuration is not
+released, so the B / L rows use the T / S configuration.
 """
 import argparse
 import os
@@ -31,8 +32,8 @@ PAPER = {'cbsa': {'T': 1.5, 'S': 2.3, 'B': 7.8, 'L': 22.3}, 'mhsa': {'T': 4.2, '
 PAPER_MIOU = {'cbsa': {'T': 39.1, 'S': 45.8, 'B': 49.3, 'L': 53.3}, 'mhsa': {'T': 38.1, 'S': 45.3, 'B': 48.5, 'L': 51.8}}
 
 
-def released_layout_gflops(d_enc: int, side: int, classes: int = 150, inner: int = 300, m: int = 100,
-                           depth: int = 3) -> float:
+def closed_form_gflops(d_enc: int, side: int, classes: int = 150, inner: int = 300, m: int = 100,
+                       depth: int = 3) -> float:
     n = (side // 16) ** 2 + classes
     return depth * 2 * (2 * n * d_enc * inner + 3 * n * m * inner + 2 * m * m * inner) / 1e9
 
@@ -49,13 +50,13 @@ def main(argv=None):
             f = decoder_flops(model, side)
             rows.append(dict(encoder=f'ViT-{size} ({name})', img=side, decoder=dec,
                              gflops_blocks=round(f['blocks'] / 1e9, 3), gflops_total=round(f['total'] / 1e9, 3),
-                             released_layout=round(released_layout_gflops(d_enc, side), 3) if dec == 'cbsa' else '',
+                             closed_form=round(closed_form_gflops(d_enc, side), 3) if dec == 'cbsa' else '',
                              paper_gflops=PAPER.get(dec, {}).get(size, ''),
                              paper_miou=PAPER_MIOU.get(dec, {}).get(size, ''),
                              params_m=round(sum(q.numel() for q in model.decoder.parameters()) / 1e6, 3)))
     os.makedirs(a.out, exist_ok=True)
     write_csv(os.path.join(a.out, 'seg_decoder_flops.csv'), rows)
-    header = ['encoder', 'img', 'decoder', 'GFLOPs blocks', 'GFLOPs total', 'released layout', 'paper GFLOPs',
+    header = ['encoder', 'img', 'decoder', 'GFLOPs blocks', 'GFLOPs total', 'closed form', 'paper GFLOPs',
               'paper mIoU', 'params (M)']
     table = markdown_table(header, [[str(v) for v in r.values()] for r in rows])
     with open(os.path.join(a.out, 'seg_decoder_flops.md'), 'w') as f:

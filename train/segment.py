@@ -11,62 +11,51 @@ Recipe pieces: SGD (timm ``create_optimizer_v2``), timm's ``PolyLRScheduler`` st
 single-scale sliding-window evaluation (window = crop, ``--eval-stride``), mIoU / pixel accuracy from a confusion
 matrix summed over the whole validation set (all-reduced across ranks) after every epoch.
 
-Run folder (shared with ``train.train``): a ``.lock`` (``train.checkpoint.RunLock``), ``last.pth.tar`` (newest,
-end-of-epoch or mid-epoch: ``--checkpoint-interval-steps``, a preemption signal, ``--max-steps``), ``model_best.pth.tar``
-(best validation mIoU), ``args.yaml``, ``summary.csv``, ``log.txt``, ``result.json``; every file is written atomically.
-``--resume auto`` continues the newest checkpoint exactly (model, optimizer, scheduler, position in the epoch, RNG;
-augmentation is seeded per sample). SIGUSR2 / SIGTERM (``train.preempt``) write a checkpoint at the next step
-boundary, then hand the signal to the previous handler (submitit: requeue).
-
-Shared with ``train.train`` through ``train.checkpoint`` (lock, atomic writes, resume search, RNG state) and
-``train.preempt``. Written here until the trainer's refactored public functions exist (to be replaced by them):
-``setup_distributed``, ``all_sum`` (its ``Collectives``), ``_take_run_folder``, ``_setup_logging``, ``_load``
-(``load_checkpoint_file``), ``save_checkpoint`` (its ``Saver``: timm's ranked ``checkpoint-*`` history and fsync'ed
-recovery files; here only ``last`` / ``model_best``), ``NonFiniteLossError`` and the ``--config`` handling.
+Everything around the loop is the classification trainer's (``train.train``), through the same functions:
+``--config`` files (``train.args.parse_with_config``), distributed set-up, the locked run folder, logging, seeding,
+the resume search and checkpoint on preemption (``train.run``), what a checkpoint holds and how a run resumes
+(``train.state.TrainState``), the checkpoint files (``train.state.Checkpointer``: ``last.pth.tar``, the ranked
+``checkpoint-<epoch>.pth.tar`` history and ``model_best.pth.tar`` by validation mIoU (higher is better),
+``recovery-<epoch>-<batch>.pth.tar`` mid-epoch; fsync'ed atomic writes), the loop's device-side sums and its one
+host sync (``train.train.EpochSums`` / ``sync``: the non-finite-loss stop) and the hidden ``--debug-*`` fault
+injection (``train.hooks``). ``--resume auto`` continues the newest checkpoint exactly (model, optimizer, scheduler,
+position in the epoch, RNG; augmentation is seeded per sample). SIGUSR2 / SIGTERM write a checkpoint at the next
+step boundary, then hand the signal to the previous handler (submitit: requeue).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import sys
-import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import timm
 from timm.optim import create_optimizer_v2
 from timm.scheduler import PolyLRScheduler
-from timm.utils import (
-    NativeScaler, ParseKwargs, init_distributed_device, random_seed, setup_default_logging, update_summary,
-)
+from timm.utils import NativeScaler, ParseKwargs, distribute_bn, update_summary
 
-from . import preempt
-from .checkpoint import (
-    RunLock, atomic_torch_save, atomic_write_text, clean_stale_tmp, find_resume_checkpoint, get_rng_state,
-    set_rng_state,
+from .args import ConfigError, parse_with_config
+from .checkpoint import CheckpointError, RunFolderError, atomic_write_text, load_checkpoint_file
+from .data import ResumableSampler
+from .hooks import FaultInjection
+from .model import load_model_state
+from .run import (
+    Collectives, NonFiniteLossError, Preemption, distributed, load_resume_checkpoint, locked_run_folder,
+    plain_args, run_logging, save_args, seed_and_threads,
 )
+from .state import Checkpointer, TrainState
+from .train import EpochSums, Run, _autocast, mid_epoch_sync, sync
 
 _logger = logging.getLogger("train")
 
-LAST, BEST = "last.pth.tar", "model_best.pth.tar"
-RUN_FILES = (LAST, BEST, "summary.csv", "args.yaml", "result.json")
-
-
-class SegmentConfigError(ValueError):
-    """A bad flag, --config file or checkpoint for this run."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN / inf loss."""
+EVAL_METRIC = "mIoU"   # ranks the end-of-epoch checkpoints (higher is better)
 
 
 # ============================================================================ flags
@@ -96,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pretrained", action="store_true", help="timm pretrained encoder weights")
     g.add_argument("--decoder", default="cbsa", choices=("cbsa", "mhsa", "linear"))
     g.add_argument("--decoder-kwargs", nargs="*", default={}, action=ParseKwargs,
-                   help="decoder options, e.g. depth=3 embed_dim=300 num_heads=3 rep_grid=10 backend=fused")
+                   help="decoder options, e.g. depth=3 num_heads=3 attn_head_dim=100 rep_grid=10 backend=fused")
     g.add_argument("--feature-index", type=int, default=-1, help="encoder block to decode")
     g.add_argument("--drop-path", type=float, default=0.1, help="encoder stochastic depth")
     g.add_argument("--encoder-checkpoint", default="", help="encoder weights from a train.segment checkpoint")
@@ -115,86 +104,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", action="store_true")
     g.add_argument("--amp-dtype", default="bfloat16", choices=("bfloat16", "float16"))
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    g = p.add_argument_group("Run")
+    g = p.add_argument_group("Run (the run folder of train.train)")
     g.add_argument("--output", default="output/segment")
     g.add_argument("--experiment", default="")
     g.add_argument("--resume", default="", help="'auto' (newest checkpoint of the run folder) or a path")
     g.add_argument("--overwrite", action="store_true", help="delete a previous run in the folder and start over")
     g.add_argument("--checkpoint-interval-steps", type=int, default=0, help="mid-epoch checkpoint every N steps")
+    g.add_argument("--checkpoint-hist", type=int, default=3, help="end-of-epoch checkpoints kept (best mIoU first)")
     g.add_argument("--preempt-check-interval", type=int, default=10, help="ranks agree on a signal every N steps")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--quiet", action="store_true")
-    g.add_argument("--debug-signal-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    for flag, kind, default in (("nan-at-step", int, None), ("step-delay", float, 0.0), ("signal-at-step", int, None),
+                                ("signal", int, 15)):   # train.hooks.FaultInjection (tests)
+        p.add_argument(f"--debug-{flag}", type=kind, default=default, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Flags, with the defaults of ``--config`` (YAML keys = flag names, '-' or '_') under the command line's."""
-    parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        import yaml
-        try:
-            with open(args.config) as f:
-                cfg = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SegmentConfigError(f"--config {args.config}: {e}") from e
-        dests = {a.dest for a in parser._actions}
-        cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
-        unknown = sorted(set(cfg) - dests)
-        if unknown:
-            raise SegmentConfigError(f"--config {args.config}: unknown keys {unknown}")
-        parser.set_defaults(**cfg)
-    return parser.parse_args(argv)
+    """Flags over the defaults of ``--config`` (YAML keys = flag names, '-' or '_'); a ConfigError names a bad file."""
+    return parse_with_config(build_parser(), argv)[0]
+
+
+_POSITIVE = ("num_classes", "crop_size", "epochs", "batch_size", "log_interval", "eval_batch", "checkpoint_hist",
+             "preempt_check_interval")
+_POSITIVE_OR_NONE = ("base_size", "eval_stride", "max_steps", "max_train_samples", "max_val_samples")
 
 
 def validate_args(args: argparse.Namespace, check_paths: bool = True) -> None:
     """Every check that can run before training (the SLURM launcher runs it before queueing a job)."""
-    for name in ("num_classes", "crop_size", "epochs", "batch_size", "log_interval", "eval_batch",
-                 "preempt_check_interval"):
-        if getattr(args, name) < 1:
-            raise SegmentConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    for name in ("base_size", "eval_stride", "max_steps", "max_train_samples", "max_val_samples"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SegmentConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    for name in _POSITIVE + _POSITIVE_OR_NONE:
+        value = getattr(args, name)
+        if (value is not None or name in _POSITIVE) and not (isinstance(value, int) and value >= 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {value!r})")
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
-        raise SegmentConfigError(f"--ratio-range must satisfy 0 < low <= high (got {args.ratio_range})")
+        raise ConfigError(f"--ratio-range must satisfy 0 < low <= high (got {args.ratio_range})")
     if args.lr <= 0 or args.min_lr < 0 or args.poly_power <= 0:
-        raise SegmentConfigError("--lr and --poly-power must be > 0 and --min-lr >= 0")
+        raise ConfigError("--lr and --poly-power must be > 0 and --min-lr >= 0")
     import timm_cbsa  # noqa: F401  (registers cbsa_vit_* / cbt_*)
     if not timm.is_model(args.model):
-        raise SegmentConfigError(f"--model {args.model}: no such timm model")
+        raise ConfigError(f"--model {args.model}: no such timm model")
     if check_paths:
         if not args.data_dir or not os.path.isdir(args.data_dir):
-            raise SegmentConfigError(f"--data-dir {args.data_dir}: no such folder")
+            raise ConfigError(f"--data-dir {args.data_dir}: no such folder")
         if args.encoder_checkpoint and not os.path.isfile(args.encoder_checkpoint):
-            raise SegmentConfigError(f"--encoder-checkpoint {args.encoder_checkpoint}: no such file")
+            raise ConfigError(f"--encoder-checkpoint {args.encoder_checkpoint}: no such file")
 
 
 # ============================================================================ set-up
 
-def setup_distributed(args) -> torch.device:
-    """timm's ``init_distributed_device`` (env:// from torchrun or the SLURM launcher); CPU when CUDA is absent."""
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegmentConfigError(f"--device {args.device} requested but CUDA is not available")
-    if dist.is_available() and dist.is_initialized():   # set up by the caller
-        args.rank, args.world_size, args.distributed = dist.get_rank(), dist.get_world_size(), True
-        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device(f"cuda:{args.local_rank}" if args.device.startswith("cuda") else args.device)
-    return init_distributed_device(args)
-
-
-def all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def build_model(args) -> nn.Module:
+    """The Segmenter; ``--encoder-checkpoint`` loads the encoder of another segmentation run, ``--freeze-encoder``
+    stops its gradients."""
     from timm_cbsa.segmentation import create_segmenter
     kwargs = dict(args.model_kwargs)
     kwargs.setdefault("img_size", args.crop_size)
@@ -202,31 +166,31 @@ def build_model(args) -> nn.Module:
     model = create_segmenter(args.model, args.num_classes, decoder=args.decoder, pretrained=args.pretrained,
                              feature_index=args.feature_index, decoder_kwargs=dict(args.decoder_kwargs), **kwargs)
     if args.encoder_checkpoint:
-        ckpt = _load(args.encoder_checkpoint)
+        ckpt = load_checkpoint_file(args.encoder_checkpoint)
         enc = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
-        try:
-            model.encoder.load_state_dict(enc, strict=True)
-        except RuntimeError as e:
-            raise SegmentConfigError(f"--encoder-checkpoint {args.encoder_checkpoint} does not fit --model "
-                                     f"{args.model} {dict(args.model_kwargs)}: {e}") from e
+        load_model_state(model.encoder, enc, args.encoder_checkpoint, f"--model {args.model} "
+                         f"{dict(args.model_kwargs)} (the encoder)")
     if args.freeze_encoder:
         model.encoder.requires_grad_(False)
     return model
 
 
-class _ResumableSampler(torch.utils.data.DistributedSampler):
-    """The epoch's shuffled shard of this rank, from batch ``start`` on (an exact mid-epoch resume)."""
-    start = 0
+@dataclass
+class Data:
+    """The training set with its resumable sampler and loader, and this rank's share of the validation set."""
+    train_ds: Any
+    sampler: ResumableSampler
+    loader: torch.utils.data.DataLoader
+    val_share: torch.utils.data.Subset
 
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+    def start_epoch(self, epoch: int, skip_batches: int, batch_size: int) -> None:
+        """The epoch's order and augmentation; the batches already trained are skipped (mid-epoch resume)."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(skip_batches * batch_size)
+        self.train_ds.set_epoch(epoch)
 
-    def __len__(self) -> int:
-        return super().__len__() - self.start
 
-
-def build_data(args, model: nn.Module, rank: int, world: int):
-    """(train dataset, its sampler and loader, this rank's share of the validation set)."""
+def build_data(args, model: nn.Module, rank: int, world: int) -> Data:
     from timm_cbsa.data.ade20k import ADE20KSegmentation, eval_transform, train_transform
     cfg = getattr(model.encoder, "pretrained_cfg", {}) or {}
     mean, std = args.mean or cfg.get("mean", (0.485, 0.456, 0.406)), args.std or cfg.get("std", (0.229, 0.224, 0.225))
@@ -235,104 +199,82 @@ def build_data(args, model: nn.Module, rank: int, world: int):
         args.crop_size, base, args.ratio_range, args.hflip, mean, std), args.max_train_samples, args.seed)
     val_ds = ADE20KSegmentation(args.data_dir, "validation", eval_transform(base, mean, std), args.max_val_samples)
     if len(train_ds) < args.batch_size * world:
-        raise SegmentConfigError(f"{len(train_ds)} training images cannot fill one global batch of "
-                                 f"{args.batch_size * world}")
-    sampler = _ResumableSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+        raise ConfigError(f"{len(train_ds)} training images cannot fill one global batch of {args.batch_size * world}")
+    sampler = ResumableSampler(train_ds, num_replicas=world, rank=rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    val_share = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))
-    return train_ds, sampler, loader, val_share
+    return Data(train_ds, sampler, loader, torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world)))
 
 
-# ============================================================================ checkpoints
-
-def _load(path: str) -> Dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unreadable, truncated, not a checkpoint
-        raise SegmentConfigError(f"checkpoint '{path}' is unreadable ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise SegmentConfigError(f"'{path}' is not a training checkpoint (no 'state_dict')")
-    return ckpt
-
-
-def _plain(args) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+def build_optimization(args, model: nn.Module, steps_per_epoch: int, device: torch.device) -> TrainState:
+    """timm's optimizer, its poly schedule stepped per optimizer update, the float16 loss scaler on CUDA."""
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    scheduler = PolyLRScheduler(optimizer, t_initial=args.epochs * steps_per_epoch, power=args.poly_power,
+                                lr_min=args.min_lr, warmup_t=args.warmup_steps, warmup_lr_init=args.min_lr,
+                                t_in_epochs=False)
+    scaler = NativeScaler(device="cuda") if args.amp and args.amp_dtype == "float16" and device.type == "cuda" \
+        else None
+    return TrainState(model, optimizer, scheduler, scaler=scaler)
 
 
-@dataclass
-class Run:
-    """What the loop and the checkpoints share."""
-    args: argparse.Namespace
-    device: torch.device
-    rank: int
-    world: int
-    out_dir: str
-    model: nn.Module                 # the Segmenter (not wrapped)
-    train_model: nn.Module           # the Segmenter or its DDP wrapper
-    optimizer: torch.optim.Optimizer
-    scheduler: PolyLRScheduler
-    steps_per_epoch: int
-    total_steps: int
-    global_step: int = 0
-    best_miou: Optional[float] = None
-    scaler: Optional[NativeScaler] = None          # float16 autocast on CUDA: loss scaling
-    handler: Optional[preempt.PreemptionHandler] = None
+def check_segmenter_config(saved: Optional[Dict[str, Any]], current: Dict[str, Any], path: str) -> None:
+    """Refuse a checkpoint of a segmenter built differently (encoder, decoder, options, classes)."""
+    if saved != current:
+        raise CheckpointError(f"Checkpoint '{path}' was built as {saved}, this run builds {current}: build the model "
+                              "the same way, or start a fresh run.")
 
 
-def save_checkpoint(run: Run, epoch: int, batches_done: int, metrics: Optional[Dict[str, float]] = None) -> None:
-    """Every rank calls this (RNG states are gathered); rank 0 writes ``last`` (and ``model_best`` on a new best)."""
-    rng = get_rng_state()
-    rngs = [rng]
-    if run.world > 1:
-        rngs = [None] * run.world
-        dist.all_gather_object(rngs, rng)
-    if run.rank != 0:
-        return
-    complete = batches_done >= run.steps_per_epoch
-    miou = (metrics or {}).get("mIoU")
-    best = complete and miou is not None and (run.best_miou is None or miou > run.best_miou)
-    if best:
-        run.best_miou = miou
-    state = dict(version=1, arch=run.args.model, args=_plain(run.args), segmenter_config=run.model.segmenter_config,
-                 epoch=epoch, epoch_complete=complete, batches_done=batches_done, global_step=run.global_step,
-                 batch_size=run.args.batch_size, world_size=run.world, state_dict=run.model.state_dict(),
-                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(), rng_states=rngs,
-                 metric=miou, metrics=dict(metrics or {}), best_metric=run.best_miou, timm_version=timm.__version__)
-    if run.scaler is not None:
-        state[run.scaler.state_dict_key] = run.scaler.state_dict()
-    atomic_torch_save(state, os.path.join(run.out_dir, LAST))
-    if best:
-        atomic_torch_save(state, os.path.join(run.out_dir, BEST))
+def resume(args, state: TrainState, out_dir: str, steps_per_epoch: int) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``--resume``: the segmenter checked against the checkpoint's record, then weights, optimisation state,
+    position and RNG (``TrainState``). Returns the ``(path, checkpoint)`` resumed from, or None."""
+    resumed = load_resume_checkpoint(args.resume, out_dir, args.rank)
+    if resumed is None:
+        return None
+    path, ckpt = resumed
+    check_segmenter_config(ckpt.get("segmenter_config"), state.model.segmenter_config, path)
+    state.load_weights(ckpt, path, args.model)
+    state.load(ckpt, path, arch=args.model, batches_per_epoch=steps_per_epoch, batch_size=args.batch_size,
+               world=args.world_size, rank=args.rank)
+    _logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, state.start_epoch, state.skip_batches,
+                 state.global_step)
+    return resumed
 
 
-def restore(run: Run, ckpt: Dict[str, Any], path: str) -> tuple:
-    """Model, optimizer, scheduler, RNG, best mIoU and position -> (start_epoch, batches to skip)."""
-    saved = ckpt.get("segmenter_config")
-    if saved != run.model.segmenter_config:
-        raise SegmentConfigError(f"checkpoint '{path}' was built as {saved}, this run builds "
-                                 f"{run.model.segmenter_config}: build the model the same way or start a fresh run")
-    run.model.load_state_dict(ckpt["state_dict"], strict=True)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if run.scaler is not None and run.scaler.state_dict_key in ckpt:
-        run.scaler.load_state_dict(ckpt[run.scaler.state_dict_key])
-    run.global_step, run.best_miou = int(ckpt["global_step"]), ckpt.get("best_metric")
-    rngs = ckpt.get("rng_states") or []
-    if len(rngs) == run.world:
-        set_rng_state(rngs[run.rank])
-    if ckpt.get("epoch_complete", True):
-        return int(ckpt["epoch"]) + 1, 0
-    if int(ckpt.get("batch_size", -1)) != run.args.batch_size or int(ckpt.get("world_size", -1)) != run.world:
-        _logger.warning("Batch / world size changed since the checkpoint: epoch %d resumes at batch %d of the new "
-                        "order (approximate).", ckpt["epoch"], ckpt["batches_done"])
-    return int(ckpt["epoch"]), int(ckpt["batches_done"])
+def setup(args, device: torch.device, coll: Collectives, out_dir: str) -> Run:
+    """Seed, model, data, optimisation, resume, checkpointer, DDP, ``args.yaml``: the classification trainer's
+    :class:`train.train.Run` (no mixup, no TensorBoard; ``data`` is this module's :class:`Data`)."""
+    seed_and_threads(args)
+    model = build_model(args).to(device)
+    data = build_data(args, model, args.rank, args.world_size)
+    steps = len(data.loader)
+    state = build_optimization(args, model, steps, device)
+    resumed = resume(args, state, out_dir, steps)
+    checkpointer = Checkpointer(
+        state, coll, out_dir, rank=args.rank, batch_size=args.batch_size, eval_metric=EVAL_METRIC,
+        max_history=args.checkpoint_hist, resumed=resumed,
+        meta={"arch": args.model, "args": plain_args(args), "segmenter_config": model.segmenter_config})
+    total = args.epochs * steps if args.max_steps is None else min(args.epochs * steps, args.max_steps)
+    train_model = model
+    if args.distributed:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    if args.rank == 0:
+        save_args(args, os.path.join(out_dir, "args.yaml"))
+    n_decoder = sum(p.numel() for p in model.decoder.parameters())
+    _logger.info("Segmenter: encoder %s, %s decoder (%.2fM params), %d classes; %d train / %d val images; world %d "
+                 "on %s; %d steps", args.model, args.decoder, n_decoder / 1e6, args.num_classes, len(data.train_ds),
+                 len(data.val_share.dataset), args.world_size, device, total)
+    return Run(args, device, coll, out_dir, state, train_model, data, nn.CrossEntropyLoss(ignore_index=255), None,
+               checkpointer, FaultInjection.from_args(args), args.epochs, steps, total,
+               has_bn=any(name.endswith("running_mean") for name, _ in model.named_buffers()),
+               num_params=sum(p.numel() for p in model.parameters()))
 
 
 # ============================================================================ evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_share, args, device: torch.device, world: int) -> Dict[str, float]:
+def evaluate(model: nn.Module, val_share, args, device: torch.device, coll: Collectives) -> Dict[str, float]:
     """mIoU / pixel accuracy of single-scale sliding-window inference, from the confusion matrix of all ranks."""
     from timm_cbsa.segmentation import equal_size_batches, logits_confusion, segmentation_metrics, slide_inference
     model.eval()
@@ -342,256 +284,123 @@ def evaluate(model: nn.Module, val_share, args, device: torch.device, world: int
         with _autocast(args, device):
             logits = slide_inference(model, images.to(device), args.crop_size, stride, args.eval_batch)
         conf += logits_confusion(logits, labels, args.num_classes)
-    m = segmentation_metrics(all_sum(conf, world))
+    m = segmentation_metrics(coll.sum_(conf))
     return dict(mIoU=m["mIoU"], pixel_acc=m["pixel_acc"], mAcc=m["mAcc"])
 
 
-def _autocast(args, device):
-    if not args.amp:
-        return nullcontext()
-    dtype = torch.float16 if args.amp_dtype == "float16" and device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+# ============================================================================ the loop
 
-
-# ============================================================================ training
-
-def _signalled(run: Run) -> bool:
-    """Whether any rank received a preemption signal (all ranks agree, every --preempt-check-interval steps)."""
-    h = run.handler
-    if run.world == 1:
-        return h is not None and h.requested
-    if run.global_step % run.args.preempt_check_interval:
-        return False
-    flag = torch.tensor([1.0 if h is not None and h.requested else 0.0], device=run.device)
-    return all_sum(flag, run.world).item() > 0
-
-
-def _hand_over(run: Run, epoch: int, batches_done: int) -> None:
-    _logger.warning("Preemption signal: checkpoint written at epoch %d, batch %d (step %d); handing over.",
-                    epoch, batches_done, run.global_step)
-    if run.world > 1:
-        dist.barrier()
-    if run.handler is not None and run.handler.requested:
-        run.handler.finish()                  # submitit: checkpoint() + requeue + exit; none before: terminate
-        run.handler = preempt.install()       # the previous handler let the run go on
-
-
-def _step(run: Run, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module) -> torch.Tensor:
-    with _autocast(run.args, run.device):
-        loss = loss_fn(run.train_model(x), y)
-    run.optimizer.zero_grad(set_to_none=True)
-    if run.scaler is not None:
-        run.scaler(loss, run.optimizer, clip_grad=run.args.clip_grad, parameters=run.model.parameters())
+def train_step(run: Run, sums: EpochSums, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Forward, backward and optimizer step of one batch; the poly schedule follows the step."""
+    args, st = run.args, run.state
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    with _autocast(args, run.device):
+        logits = run.model(x)
+        loss = run.loss_fn(logits, y)
+    loss = run.hooks.on_loss(st.global_step + 1, loss)
+    if st.scaler is not None:
+        st.scaler(loss, st.optimizer, clip_grad=args.clip_grad, parameters=st.model.parameters())
     else:
         loss.backward()
-        if run.args.clip_grad is not None:
-            nn.utils.clip_grad_norm_(run.model.parameters(), run.args.clip_grad)
-        run.optimizer.step()
-    run.global_step += 1
-    run.scheduler.step_update(num_updates=run.global_step)
-    return loss.detach().float()
+        if args.clip_grad is not None:
+            nn.utils.clip_grad_norm_(st.model.parameters(), args.clip_grad)
+        st.optimizer.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.global_step += 1
+    run.steps_this_run += 1
+    st.scheduler.step_update(num_updates=st.global_step)
+    sums.add(loss, logits, y, st.global_step, count_correct=False)
+    run.hooks.after_step(st.global_step)
 
 
-def _check_finite(sums: torch.Tensor, run: Run, epoch: int) -> None:
-    if not math.isfinite(sums[0].item()):
-        raise NonFiniteLossError(f"Non-finite loss before optimizer step {run.global_step} (epoch {epoch}); nothing "
-                                 "was saved after the last finite check. Try a lower --lr or --clip-grad.")
+def log_progress(run: Run, vals: List[float], prev: List[float], epoch: int, batch_idx: int, t_epoch: float) -> None:
+    """The progress line of :func:`train.train.mid_epoch_sync` (``vals`` / ``prev``: the sums of :func:`sync` now and
+    at the previous line)."""
+    _logger.info("Train %d [%d/%d] step %d/%d | loss %.4f (epoch %.4f) | lr %.3g | %.1f img/s | ETA %s", epoch,
+                 batch_idx + 1, run.batches_per_epoch, run.state.global_step, run.total_steps,
+                 (vals[0] - prev[0]) / max(vals[2] - prev[2], 1), vals[0] / max(vals[2], 1),
+                 run.state.optimizer.param_groups[0]["lr"], vals[2] / max(time.time() - t_epoch, 1e-9), run.eta())
 
 
-def train_epoch(run: Run, loader, epoch: int, skip: int, loss_fn: nn.Module) -> Dict[str, Any]:
-    """One epoch (from batch ``skip``); returns {'loss', 'batches_done', 'stopped'} (stopped: max steps / signal)."""
-    args = run.args
-    run.train_model.train()
-    if args.freeze_encoder:
-        run.model.encoder.eval()
-    sums = torch.zeros(2, device=run.device, dtype=torch.float64)      # loss * n, n
-    batch, t0 = skip, time.time()
-    for x, y in loader:
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        sums += torch.stack([_step(run, x, y, loss_fn).double() * x.shape[0], sums.new_tensor(x.shape[0])])
-        batch += 1
-        if args.debug_signal_at_step is not None and run.global_step == args.debug_signal_at_step:
-            os.kill(os.getpid(), preempt.DEFAULT_SIGNALS[0])
-        max_reached = args.max_steps is not None and run.global_step >= args.max_steps
-        interval = args.checkpoint_interval_steps and run.global_step % args.checkpoint_interval_steps == 0
-        signalled = _signalled(run)
-        if run.global_step % args.log_interval == 0 or signalled or interval or max_reached:
-            total = all_sum(sums.clone(), run.world)
-            _check_finite(total, run, epoch)
-            _logger.info("Train %d [%d/%d] step %d/%d | loss %.4f | lr %.3g | %.1f img/s", epoch, batch,
-                         run.steps_per_epoch, run.global_step, run.total_steps, (total[0] / total[1]).item(),
-                         run.optimizer.param_groups[0]["lr"], total[1].item() / max(time.time() - t0, 1e-9))
-        if signalled or (interval and batch < run.steps_per_epoch):   # the epoch's end saves after evaluating
-            save_checkpoint(run, epoch, batch)
-        if signalled:
-            _hand_over(run, epoch, batch)
-        if max_reached:
+def train_epoch(run: Run, epoch: int, skip: int) -> Tuple[EpochSums, int]:
+    """Train ``epoch`` from batch ``skip`` to its end or ``--max-steps``, with the classification trainer's
+    :func:`train.train.mid_epoch_sync` after every step (progress line, mid-epoch checkpoint, preemption); returns the
+    device-side sums and the number of the epoch's batches done (the end of the epoch syncs, evaluates and saves)."""
+    run.data.start_epoch(epoch, skip, run.args.batch_size)
+    run.model.train()
+    if run.args.freeze_encoder:
+        run.state.model.encoder.eval()
+    sums, prev, t_epoch, batch_idx = EpochSums(run.device), [0.0] * 5, time.time(), skip - 1
+    for batch_idx, (x, y) in enumerate(run.data.loader, start=skip):
+        train_step(run, sums, x, y)
+        if batch_idx + 1 >= run.batches_per_epoch or run.reached_max_steps():
             break
-    total = all_sum(sums, run.world)
-    _check_finite(total, run, epoch)
-    return dict(loss=(total[0] / total[1].clamp_min(1)).item(), batches_done=batch,
-                stopped=args.max_steps is not None and run.global_step >= args.max_steps)
+        prev = mid_epoch_sync(run, sums, prev, epoch, batch_idx, t_epoch, log=log_progress)
+    return sums, batch_idx + 1
 
 
-# ============================================================================ main
-
-def _take_run_folder(args, out_dir: str, device: torch.device) -> Optional[RunLock]:
-    """Rank 0 locks the run folder and refuses (or, with --overwrite, clears) a previous run; every rank learns
-    whether it could."""
-    lock, error = None, None
-    if args.rank == 0:
-        try:
-            lock = RunLock(out_dir).acquire()
-            previous = [f for f in RUN_FILES if os.path.exists(os.path.join(out_dir, f))]
-            if previous and not args.resume and not args.overwrite:
-                raise SegmentConfigError(
-                    f"Run folder '{out_dir}' holds a previous run ({', '.join(previous)}): continue it with --resume "
-                    "auto, start over with --overwrite, or use another --output / --experiment.")
-            for f in previous if not args.resume else ():
-                os.remove(os.path.join(out_dir, f))
-        except (SegmentConfigError, RuntimeError) as e:   # RunLock: the folder is in use
-            error = e if isinstance(e, SegmentConfigError) else SegmentConfigError(str(e))
-            if lock is not None:
-                lock.release()
-    ok = all_sum(torch.tensor([0.0 if error else 1.0], device=device), args.world_size).item() == args.world_size
-    if not ok:
-        raise error or SegmentConfigError(f"rank 0 could not take the run folder '{out_dir}' (see its error)")
-    return lock
+def end_epoch(run: Run, epoch: int, sums: EpochSums, batches_done: int) -> Dict[str, float]:
+    """Sync (a non-finite loss stops here), BatchNorm statistics averaged over the ranks, evaluate, epoch line,
+    summary row, checkpoint (ranked by mIoU when the epoch is complete), and the hand-over when a signal came in the
+    epoch's last step."""
+    vals = sync(run, sums, epoch)
+    if run.args.distributed and run.has_bn:
+        distribute_bn(run.state.model, run.args.world_size, reduce=True)
+    metrics = evaluate(run.model, run.data.val_share, run.args, run.device, run.coll)
+    lr, loss = run.state.optimizer.param_groups[0]["lr"], vals[0] / max(vals[2], 1)
+    _logger.info("Epoch %d/%d | step %d | train loss %.4f | val mIoU %.2f pixel acc %.2f mAcc %.2f | lr %.3g | ETA %s",
+                 epoch + 1, run.num_epochs, run.state.global_step, loss, metrics["mIoU"], metrics["pixel_acc"],
+                 metrics["mAcc"], lr, run.eta())
+    if run.args.rank == 0:
+        update_summary(epoch, dict(loss=loss), metrics, os.path.join(run.out_dir, "summary.csv"), lr=lr)
+    run.checkpointer.save(epoch, batches_done, batches_done >= run.batches_per_epoch, metrics)
+    if vals[4] > 0:
+        run.preemption.hand_over(epoch, batches_done, run.state.global_step)
+    return metrics
 
 
-def _setup_logging(out_dir: str, rank: int, quiet: bool) -> Optional[logging.Handler]:
-    if not logging.root.handlers:
-        setup_default_logging()
-    _logger.setLevel(logging.WARNING if (rank != 0 or quiet) else logging.INFO)
-    if rank != 0:
-        return None
-    fh = logging.FileHandler(os.path.join(out_dir, "log.txt"))
-    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
-    _logger.addHandler(fh)
-    return fh
+def fit(run: Run) -> Dict[str, Any]:
+    """The remaining epochs (checkpoint on preemption meanwhile); returns the final metrics with ``best_mIoU``
+    (rank 0), ``epoch``, ``step``, ``output_dir``, ``decoder``, ``train_time_s``."""
+    st = run.state
+    run.t_start, epoch, metrics = time.time(), st.start_epoch - 1, {}
+    run.preemption = Preemption(run.coll, run.args.preempt_check_interval)
+    try:
+        for epoch in range(st.start_epoch, run.num_epochs):
+            if run.reached_max_steps():
+                break
+            sums, batches_done = train_epoch(run, epoch, st.skip_batches if epoch == st.start_epoch else 0)
+            metrics = end_epoch(run, epoch, sums, batches_done)
+    finally:
+        run.preemption.close()
+    if not metrics:   # nothing left to train: evaluate what was loaded
+        metrics = evaluate(run.model, run.data.val_share, run.args, run.device, run.coll)
+    return dict(metrics, **run.checkpointer.best(), epoch=epoch, step=st.global_step, output_dir=run.out_dir,
+                decoder=run.args.decoder, train_time_s=time.time() - run.t_start)
 
+
+# ============================================================================ entry points
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Train; returns the final metrics ``{'mIoU', 'pixel_acc', 'best_mIoU', 'epoch', 'step', ...}``."""
+    """Train; returns the final metrics ``{'mIoU', 'pixel_acc', 'mAcc', 'best_mIoU', 'epoch', 'step', ...}``."""
     args = parse_args(argv)
     validate_args(args)
-    owns_group = not (dist.is_available() and dist.is_initialized())
-    device = setup_distributed(args)
-    out_dir = os.path.join(args.output, args.experiment) if args.experiment else args.output
-    lock, log_handler = None, None
-    try:
-        lock = _take_run_folder(args, out_dir, device)
-        log_handler = _setup_logging(out_dir, args.rank, args.quiet)
-        return _train(args, device, out_dir)
-    finally:
-        if log_handler is not None:
-            _logger.removeHandler(log_handler)
-            log_handler.close()
-        if lock is not None:
-            lock.release()
-        if owns_group and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _build_run(args, device: torch.device, out_dir: str):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    random_seed(args.seed, args.rank)
-    model = build_model(args).to(device)
-    train_ds, sampler, loader, val_share = build_data(args, model, args.rank, args.world_size)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
-    steps = len(loader)
-    total = args.epochs * steps if args.max_steps is None else min(args.epochs * steps, args.max_steps)
-    scheduler = PolyLRScheduler(optimizer, t_initial=args.epochs * steps, power=args.poly_power, lr_min=args.min_lr,
-                                warmup_t=args.warmup_steps, warmup_lr_init=args.min_lr, t_in_epochs=False)
-    train_model = model
-    if args.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None)
-    run = Run(args, device, args.rank, args.world_size, out_dir, model, train_model, optimizer, scheduler, steps, total)
-    if args.amp and args.amp_dtype == "float16" and device.type == "cuda":
-        run.scaler = NativeScaler(device="cuda")
-    n_params = sum(p.numel() for p in model.decoder.parameters())
-    _logger.info("Segmenter: encoder %s, %s decoder (%.2fM params), %d classes; %d train / %d val images; world %d "
-                 "on %s; %d steps", args.model, args.decoder, n_params / 1e6, args.num_classes, len(train_ds),
-                 len(val_share.dataset), args.world_size, device, total)
-    return run, train_ds, sampler, loader, val_share
-
-
-def _resume(run: Run) -> tuple:
-    args = run.args
-    if not args.resume:
-        return 0, 0
-    if args.resume == "auto":
-        if run.rank == 0:
-            clean_stale_tmp(run.out_dir)
-        found = find_resume_checkpoint(run.out_dir)
-        if found is None:
-            _logger.info("--resume auto: no checkpoint in %s, starting fresh", run.out_dir)
-            return 0, 0
-        path, ckpt = found
-    else:
-        path, ckpt = args.resume, _load(args.resume)
-    start = restore(run, ckpt, path)
-    _logger.info("Resumed from %s: epoch %d, batch %d, step %d", path, start[0], start[1], run.global_step)
-    return start
-
-
-def _train(args, device: torch.device, out_dir: str) -> Dict[str, Any]:
-    run, train_ds, sampler, loader, val_share = _build_run(args, device, out_dir)
-    start_epoch, skip = _resume(run)
-    if run.global_step:
-        run.scheduler.step_update(num_updates=run.global_step)
-    if run.rank == 0:
-        import yaml
-        atomic_write_text(os.path.join(out_dir, "args.yaml"), yaml.safe_dump(_plain(args), sort_keys=False))
-    if threading.current_thread() is threading.main_thread():
-        run.handler = preempt.install()
-    loss_fn = nn.CrossEntropyLoss(ignore_index=255)
-    t0, metrics, epoch = time.time(), {}, start_epoch - 1
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            if args.max_steps is not None and run.global_step >= args.max_steps:
-                break
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
-            sampler.start = (skip if epoch == start_epoch else 0) * args.batch_size
-            train = train_epoch(run, loader, epoch, skip if epoch == start_epoch else 0, loss_fn)
-            metrics = evaluate(run.model, val_share, args, device, run.world)
-            _end_epoch(run, epoch, train, metrics)
-            if train["stopped"]:
-                break
-    finally:
-        if run.handler is not None:
-            run.handler.uninstall()
-    if not metrics:   # nothing left to train: evaluate what was loaded
-        metrics = evaluate(run.model, val_share, args, device, run.world)
-    result = dict(metrics, best_mIoU=run.best_miou, epoch=epoch, step=run.global_step, output_dir=out_dir,
-                  decoder=args.decoder, train_time_s=time.time() - t0)
-    if run.rank == 0:
-        atomic_write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1))
-        print(f"*** Done: {args.model} + {args.decoder} decoder: val mIoU {metrics['mIoU']:.2f} pixel acc "
-              f"{metrics['pixel_acc']:.2f} (best mIoU {run.best_miou}), step {run.global_step}; run folder {out_dir}",
-              flush=True)
-    return result
-
-
-def _end_epoch(run: Run, epoch: int, train: Dict[str, Any], metrics: Dict[str, float]) -> None:
-    lr = run.optimizer.param_groups[0]["lr"]
-    _logger.info("Epoch %d/%d | step %d | train loss %.4f | val mIoU %.2f pixel acc %.2f mAcc %.2f | lr %.3g",
-                 epoch + 1, run.args.epochs, run.global_step, train["loss"], metrics["mIoU"], metrics["pixel_acc"],
-                 metrics["mAcc"], lr)
-    if run.rank == 0:
-        update_summary(epoch, dict(loss=train["loss"]), metrics, os.path.join(run.out_dir, "summary.csv"), lr=lr)
-    save_checkpoint(run, epoch, train["batches_done"], metrics)
+    with distributed(args) as device, locked_run_folder(args, device) as (coll, out_dir):
+        with run_logging(out_dir, args.rank, args.quiet):
+            result = fit(setup(args, device, coll, out_dir))
+        if args.rank == 0:
+            atomic_write_text(os.path.join(out_dir, "result.json"), json.dumps(result, indent=1))
+            print(f"*** Done: {args.model} + {args.decoder} decoder: val mIoU {result['mIoU']:.2f} pixel acc "
+                  f"{result['pixel_acc']:.2f} (best mIoU {result['best_mIoU']}), step {result['step']}; run folder "
+                  f"{out_dir}", flush=True)
+        return result
 
 
 def cli(argv: Optional[List[str]] = None) -> int:
     from timm_cbsa.data import DatasetNotFoundError
     try:
         main(argv)
-    except (SegmentConfigError, NonFiniteLossError, DatasetNotFoundError) as e:
+    except (ConfigError, CheckpointError, RunFolderError, NonFiniteLossError, DatasetNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

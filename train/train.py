@@ -37,7 +37,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -384,10 +384,10 @@ def log_progress(run: Run, vals: List[float], prev: List[float], epoch: int, bat
         run.tb.add_scalar("train/lr", lr, step)
 
 
-def mid_epoch_sync(run: Run, sums: EpochSums, prev: List[float], epoch: int, batch_idx: int,
-                   t_epoch: float) -> List[float]:
-    """After an optimizer step: log, checkpoint and act on a preemption signal when due. Returns the sums of the
-    last progress line."""
+def mid_epoch_sync(run: Run, sums: EpochSums, prev: List[float], epoch: int, batch_idx: int, t_epoch: float,
+                   log: Callable[..., None] = log_progress) -> List[float]:
+    """After an optimizer step: log (``log``, with :func:`log_progress`'s arguments), checkpoint and act on a
+    preemption signal when due. Returns the sums of the last progress line."""
     args, step = run.args, run.state.global_step
     log_now = step % args.log_interval == 0
     ckpt_now = bool(args.checkpoint_interval_steps) and step % args.checkpoint_interval_steps == 0
@@ -395,7 +395,7 @@ def mid_epoch_sync(run: Run, sums: EpochSums, prev: List[float], epoch: int, bat
         return prev
     vals = sync(run, sums, epoch)
     if log_now:
-        log_progress(run, vals, prev, epoch, batch_idx, t_epoch)
+        log(run, vals, prev, epoch, batch_idx, t_epoch)
         prev = vals
     preempting = vals[4] > 0
     if ckpt_now or preempting:

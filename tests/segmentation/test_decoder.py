@@ -104,10 +104,10 @@ def _mhsa_block_flops(n: int, d: int, mlp: float = 4.0) -> int:
     return 2 * (3 * n * d * d + 2 * n * n * d + n * d * d + int(2 * mlp * n * d * d))
 
 
-def _cbsa_block_flops(n: int, d: int, m: int) -> int:
-    """2 x multiply-adds of a CBSA layer (paper §5): projections 2Nd², extraction 2Nmd, broadcast Nmd,
-    contraction 2m²d."""
-    return 2 * (2 * n * d * d + 3 * n * m * d + 2 * m * m * d)
+def _cbsa_block_flops(n: int, c: int, d: int, m: int) -> int:
+    """2 x multiply-adds of a CBSA layer over C-wide tokens working in d = heads x head width dimensions (paper §5):
+    projections C -> d and d -> C 2NCd, extraction 2Nmd, broadcast Nmd, contraction 2m²d."""
+    return 2 * (2 * n * c * d + 3 * n * m * d + 2 * m * m * d)
 
 
 def test_decoder_flops_closed_form():
@@ -117,7 +117,9 @@ def test_decoder_flops_closed_form():
         cbsa = create_segmenter('vit_tiny_patch16_224', 150, decoder='cbsa', img_size=512)
         mhsa = create_segmenter('vit_tiny_patch16_224', 150, decoder='mhsa', img_size=512)
     n = 32 * 32 + 150
-    assert decoder_flops(cbsa, 512)['blocks'] == 3 * _cbsa_block_flops(n, 300, 100)
+    got = decoder_flops(cbsa, 512)['blocks']
+    assert got == 3 * _cbsa_block_flops(n, 192, 300, 100)
+    assert math.isclose(got / 1e9, 1.5, rel_tol=0.02)        # the paper's CBT-T decoder: 1.5 GFLOPs
     got = decoder_flops(mhsa, 512)['blocks']
     assert got == 2 * _mhsa_block_flops(n, 192)
     assert math.isclose(got / 1e9, 4.2, rel_tol=0.01)
@@ -131,7 +133,9 @@ def test_decoder_options_are_checked():
     with pytest.raises(ValueError, match='Unknown decoder'):
         build_decoder('conv', 16, 3)
     with pytest.raises(ValueError, match='divisible'):
-        build_decoder('cbsa', 16, 3, embed_dim=10, num_heads=3)
+        build_decoder('mhsa', 16, 3, embed_dim=10, num_heads=3)
+    with pytest.raises(ValueError, match='attn_head_dim must be a positive int'):
+        build_decoder('cbsa', 16, 3, attn_head_dim=0)
     block = CBSADecoderBlock(8, 2, num_classes=3, rep_grid=4)
     with pytest.raises(ValueError, match='smaller than the representative grid'):
         block(torch.randn(1, 9 + 3, 8), (3, 3))

@@ -12,6 +12,8 @@ Mask transformer (Strudel et al., ICCV 2021), written from its description:
 
 In the CBSA blocks the m representatives are pooled from the patch tokens only (``num_trailing_tokens=K``): the class
 embeddings never enter Q_ini, but they are keys/values of the extraction and receive the broadcast like every token.
+As in the released CBT decoder, the tokens keep the width D (default the encoder's) and each CBSA layer works in
+num_heads·attn_head_dim = 3·100 = 300 dimensions inside the attention (Uᵀ: D -> 300, output projection: 300 -> D).
 """
 from typing import Dict, Optional, Tuple, Type
 
@@ -27,20 +29,23 @@ __all__ = ['CBSADecoderBlock', 'MHSADecoderBlock', 'MaskTransformer', 'LinearDec
            'build_decoder']
 
 # per decoder kind: the paper's / Segmenter's configuration (embed_dim None = the encoder width, num_heads None =
-# embed_dim // 64 as in Segmenter). CBSA: 3 layers, 3 heads x 100 = width 300, 10x10 representatives (spec §3.5).
+# embed_dim // 64 as in Segmenter). CBSA, as released (spec §3.5): 3 layers over tokens of the encoder's width, whose
+# attention works in 3 heads x 100 = 300 dimensions (attn_head_dim: Uᵀ is C -> 300, the output projection 300 -> C),
+# 10x10 representatives.
 DECODER_DEFAULTS: Dict[str, Dict[str, object]] = {
-    'cbsa': dict(depth=3, embed_dim=300, num_heads=3, rep_grid=10),
+    'cbsa': dict(depth=3, embed_dim=None, num_heads=3, attn_head_dim=100, rep_grid=10),
     'mhsa': dict(depth=2, embed_dim=None, num_heads=None, mlp_ratio=4.0),
     'linear': dict(),
 }
-_ONLY = {'cbsa': {'rep_grid', 'backend'}, 'mhsa': {'mlp_ratio', 'dropout'}}   # options that belong to one block kind
+_ONLY = {'cbsa': {'rep_grid', 'backend', 'attn_head_dim'}, 'mhsa': {'mlp_ratio', 'dropout'}}   # one block kind's
 
 
 class CBSADecoderBlock(nn.Module):
     """``z = z + drop_path(CBSA(LN(z)))`` over [patch tokens | class embeddings]; no MLP (paper §3.5).
 
     Args:
-        dim: token width D; num_heads: heads (subspaces), head width D / num_heads.
+        dim: token width D; num_heads: heads (subspaces).
+        attn_head_dim: head width d (None: D / num_heads); the attention works in num_heads·d dimensions.
         num_classes: number of class embeddings appended after the patch tokens (never pooled).
         rep_grid: representative grid (10 -> m = 100); grid_size: default patch grid (H_p, W_p).
         drop_path: stochastic depth rate; backend: CBSA backend (None: the process default).
@@ -48,11 +53,11 @@ class CBSADecoderBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, num_classes: int, rep_grid=10,
                  grid_size: Optional[Tuple[int, int]] = None, drop_path: float = 0., backend: Optional[str] = None,
-                 norm_layer: Type[nn.Module] = nn.LayerNorm):
+                 norm_layer: Type[nn.Module] = nn.LayerNorm, attn_head_dim: Optional[int] = None):
         super().__init__()
         self.norm = norm_layer(dim)
-        self.attn = CBSA(dim, num_heads=num_heads, rep_grid=rep_grid, num_prefix_tokens=0,
-                         num_trailing_tokens=num_classes, grid_size=grid_size, backend=backend)
+        self.attn = CBSA(dim, num_heads=num_heads, attn_head_dim=attn_head_dim, rep_grid=rep_grid,
+                         num_prefix_tokens=0, num_trailing_tokens=num_classes, grid_size=grid_size, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
@@ -74,29 +79,30 @@ class MaskTransformer(nn.Module):
         encoder_dim: width C_enc of the encoder features; num_classes: K.
         block: 'cbsa' or 'mhsa'; depth: number of blocks; embed_dim: decoder width D (None: C_enc).
         num_heads: heads (None: D // 64); mlp_ratio: MLP width of the MHSA blocks.
-        rep_grid, grid_size, backend: CBSA blocks only (see ``CBSADecoderBlock``).
+        attn_head_dim, rep_grid, grid_size, backend: CBSA blocks only (see ``CBSADecoderBlock``).
         drop_path_rate: stochastic depth, linearly increasing over the blocks; dropout: MHSA projection dropout.
     """
 
     def __init__(self, encoder_dim: int, num_classes: int, block: str = 'cbsa', depth: int = 3,
                  embed_dim: Optional[int] = None, num_heads: Optional[int] = None, mlp_ratio: float = 4.0,
                  rep_grid=10, grid_size: Optional[Tuple[int, int]] = None, drop_path_rate: float = 0.,
-                 dropout: float = 0., backend: Optional[str] = None):
+                 dropout: float = 0., backend: Optional[str] = None, attn_head_dim: Optional[int] = None):
         super().__init__()
         if block not in ('cbsa', 'mhsa'):
             raise ValueError(f"MaskTransformer block must be 'cbsa' or 'mhsa', got {block!r}.")
         embed_dim = embed_dim or encoder_dim
         num_heads = num_heads or max(1, embed_dim // 64)
-        if embed_dim % num_heads:
-            raise ValueError(f'decoder embed_dim {embed_dim} is not divisible by num_heads {num_heads}.')
+        if attn_head_dim is None and embed_dim % num_heads:
+            raise ValueError(f'decoder embed_dim {embed_dim} is not divisible by num_heads {num_heads} (or give '
+                             'attn_head_dim).')
         self.num_classes, self.embed_dim, self.block = num_classes, embed_dim, block
         self.proj_dec = nn.Linear(encoder_dim, embed_dim)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         if block == 'cbsa':
             self.blocks = nn.ModuleList(
-                CBSADecoderBlock(embed_dim, num_heads, num_classes, rep_grid, grid_size, dpr[i], backend)
-                for i in range(depth))
+                CBSADecoderBlock(embed_dim, num_heads, num_classes, rep_grid, grid_size, dpr[i], backend,
+                                 attn_head_dim=attn_head_dim) for i in range(depth))
         else:
             self.blocks = nn.ModuleList(
                 MHSADecoderBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, proj_drop=dropout,
