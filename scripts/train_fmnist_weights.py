@@ -3,11 +3,14 @@
 
     python scripts/train_fmnist_weights.py                     # quickstart recipe, seed 0 → output/fmnist_weights
     python scripts/train_fmnist_weights.py -- --epochs 4       # extra train.train flags after --
+    python scripts/train_fmnist_weights.py --reexport          # rewrite the shipped weights in the current format
 
 1. trains with ``python -m train.train --config train/configs/fmnist_quickstart.yaml`` (same code path);
-2. writes the final weights as safetensors into ``timm_cbsa/models/weights/`` (temp file + rename), with a JSON next to
-   them recording the command, the recipe, the test accuracy and the software versions (the model's pretrained cfg
-   reads it);
+2. writes the final weights as safetensors into ``timm_cbsa/models/weights/`` (temp file + rename): the model's
+   state dict, with the CBSA layers' settings records (``timm_cbsa/layers/settings.py``); with a JSON next to them
+   recording the command, the recipe, the test accuracy and the software versions (the model's pretrained cfg reads
+   it). ``--reexport`` skips training and rewrites the shipped weights themselves (same tensors, current state-dict
+   format), keeping the JSON's training record and adding a ``reexported`` entry;
 3. re-loads them through ``timm.create_model('cbt_nano_patch8_32.fmnist', pretrained=True)`` and measures the test
    top-1 on the 10k Debian Fashion-MNIST test images.
 
@@ -57,6 +60,8 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--data-dir', default=None)
     p.add_argument('--export-only', action='store_true', help='skip training: export OUTPUT/last.pth.tar')
+    p.add_argument('--reexport', action='store_true',
+                   help='skip training: rewrite the shipped weights in the current state-dict format')
     p.add_argument('train_args', nargs='*', help='extra train.train flags (after --)')
     args = p.parse_args(argv)
 
@@ -64,51 +69,60 @@ def main(argv=None):
     import timm
     import timm_cbsa
     from safetensors.torch import save_file
+    from timm_cbsa.checkpoint import load_weights, read_state_dict
     from timm_cbsa.models.cbt_fmnist import FMNIST_WEIGHTS, WEIGHTS_DIR
     from train.checkpoint import load_checkpoint_file
     from train.train import main as train_main
 
+    path = os.path.join(WEIGHTS_DIR, FMNIST_WEIGHTS['file'])
+    jpath = os.path.splitext(path)[0] + '.json'
+    command = 'python scripts/train_fmnist_weights.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     train_argv = ['--config', args.config, '--model', MODEL, '--output', args.output, '--seed', str(args.seed)]
     if args.data_dir:
         train_argv += ['--data-dir', args.data_dir]
     train_argv += list(args.train_args)
     result = {}
     t0 = time.time()
-    if not args.export_only:
-        result = train_main(train_argv)
-        wall = time.time() - t0
-    else:   # the training run's own record (train.train writes result.json)
-        try:
-            with open(os.path.join(args.output, 'result.json')) as f:
-                result = json.load(f)
-        except (OSError, ValueError):
-            result = {}
-        wall = result.get('train_time_s')
-    ckpt = load_checkpoint_file(os.path.join(args.output, 'last.pth.tar'))
-    state = {k[len('module.'):] if k.startswith('module.') else k: v.contiguous()
-             for k, v in ckpt['state_dict'].items()}
-    model = timm.create_model(MODEL)
-    model.load_state_dict(state, strict=True)      # checks the architecture before anything is written
+    if args.reexport:
+        source = read_state_dict(path)
+    else:
+        if not args.export_only:
+            result = train_main(train_argv)
+            wall = time.time() - t0
+        else:   # the training run's own record (train.train writes result.json)
+            try:
+                with open(os.path.join(args.output, 'result.json')) as f:
+                    result = json.load(f)
+            except (OSError, ValueError):
+                result = {}
+            wall = result.get('train_time_s')
+        source = load_checkpoint_file(os.path.join(args.output, 'last.pth.tar'))
+    model = load_weights(timm.create_model(MODEL), source)    # checks the architecture before anything is written
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}   # with the layers' settings records
 
     os.makedirs(WEIGHTS_DIR, exist_ok=True)
-    path = os.path.join(WEIGHTS_DIR, FMNIST_WEIGHTS['file'])
     tmp = path + '.tmp'
     save_file(state, tmp, metadata={'arch': MODEL, 'tag': TAG})
     os.replace(tmp, path)
 
     loaded = timm.create_model(f'{MODEL}.{TAG}', pretrained=True)
     top1 = fmnist_test_top1(loaded, args.data_dir)
-    meta = dict(
-        model=f'{MODEL}.{TAG}', test_top1=round(top1, 2), test_images=10000,
-        dataset='Fashion-MNIST (Debian dataset-fashion-mnist), 60k train / 10k test',
-        command='python scripts/train_fmnist_weights.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-        recipe=args.config, train_args=train_argv, seed=args.seed,
-        train_top1_reported=result.get('top1'), train_wall_s=None if wall is None else round(wall, 1),
-        linear_baseline_top1=result.get('linear_baseline_top1'),
-        torch=torch.__version__, timm=timm.__version__, timm_cbsa=timm_cbsa.__version__,
-        machine=platform.processor() or platform.machine(), threads=_train_threads(args.output),
-        date=time.strftime('%Y-%m-%d'), sha256=_sha256(path), bytes=os.path.getsize(path))
-    jpath = os.path.splitext(path)[0] + '.json'
+    versions = dict(torch=torch.__version__, timm=timm.__version__, timm_cbsa=timm_cbsa.__version__)
+    if args.reexport:
+        with open(jpath) as f:
+            meta = json.load(f)
+        meta.update(test_top1=round(top1, 2), sha256=_sha256(path), bytes=os.path.getsize(path), reexported=dict(
+            command=command, date=time.strftime('%Y-%m-%d'), **versions,
+            note='same tensors, state dict with the CBSA layers\' settings records (layers/settings.py)'))
+    else:
+        meta = dict(
+            model=f'{MODEL}.{TAG}', test_top1=round(top1, 2), test_images=10000,
+            dataset='Fashion-MNIST (Debian dataset-fashion-mnist), 60k train / 10k test',
+            command=command, recipe=args.config, train_args=train_argv, seed=args.seed,
+            train_top1_reported=result.get('top1'), train_wall_s=None if wall is None else round(wall, 1),
+            linear_baseline_top1=result.get('linear_baseline_top1'), **versions,
+            machine=platform.processor() or platform.machine(), threads=_train_threads(args.output),
+            date=time.strftime('%Y-%m-%d'), sha256=_sha256(path), bytes=os.path.getsize(path))
     with open(jpath + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
         f.write('\n')

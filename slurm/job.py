@@ -15,8 +15,10 @@ import os
 import shlex
 import signal
 import socket
+import sys
 import threading
 import traceback
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import submitit
@@ -36,18 +38,27 @@ def resolve_entry(entry: str) -> Callable[[List[str]], Any]:
     return getattr(importlib.import_module(mod_name), fn_name)
 
 
-def training_argv(train_argv: Sequence[str], output_dir: str, job_id: str) -> List[str]:
+def entry_flags(entry: str) -> ModuleType:
+    """The module that reads the training flags of ``entry`` (``MODULE:FUNCTION``): the function's module when it has
+    ``build_parser``, ``parse_args`` and ``validate_args`` (``train.train``, ``train.segment``), else ``train.args``
+    (a wrapper around ``train.train`` takes its flags)."""
+    mod = sys.modules.get(getattr(resolve_entry(entry), "__module__", ""))
+    return mod if all(hasattr(mod, f) for f in ("build_parser", "parse_args", "validate_args")) else train_args
+
+
+def training_argv(train_argv: Sequence[str], output_dir: str, job_id: str,
+                  flags: ModuleType = train_args) -> List[str]:
     """The trainer's argv in job ``job_id``: ``%j`` expanded; ``--output output_dir`` unless the command line names an
     output folder (the recipes' ``--config`` files set one, which the job folder replaces, so that every job has its
     own); ``--resume auto`` unless a resume is set, and over a ``--resume PATH`` once the run folder holds a checkpoint
     (the PATH only starts the first run). Decided on the trainer's own parse of the flags; the added flags come last,
-    so they win (argparse keeps the last value)."""
+    so they win (argparse keeps the last value). ``flags``: the module that reads them (:func:`entry_flags`)."""
     argv = [tok.replace("%j", job_id) for tok in train_argv]
-    command_line = train_args.build_parser()
+    command_line = flags.build_parser()
     command_line.set_defaults(output=None)  # no --config defaults: what the command line itself says
     if command_line.parse_args(argv).output is None:
         argv += ["--output", output_dir]
-    args = train_args.parse_args(argv)
+    args = flags.parse_args(argv)
     run_dir = os.path.join(args.output, args.experiment)
     if not args.resume or (args.resume != "auto" and find_resume_checkpoint(run_dir)):
         argv += ["--resume", "auto"]
@@ -101,8 +112,8 @@ class Trainer(submitit.helpers.Checkpointable):
 
     def _run(self, output_dir: str, job_id: str) -> Any:
         if self.script is None:
-            return self._call(resolve_entry(self.entry), training_argv(self.train_argv, output_dir, job_id),
-                              self.entry)
+            argv = training_argv(self.train_argv, output_dir, job_id, entry_flags(self.entry))
+            return self._call(resolve_entry(self.entry), argv, self.entry)
         argv, run_dir, checkpoint = script_mode.job_argv(self.train_argv, output_dir, job_id)
         if checkpoint is not None:
             print(f"[slurm.launch] resuming from {checkpoint}", flush=True)

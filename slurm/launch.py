@@ -23,10 +23,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import submitit
 
-from train import args as train_args
-
 from . import script as script_mode
-from .job import DEFAULT_ENTRY, Trainer, resolve_entry
+from .job import DEFAULT_ENTRY, Trainer, entry_flags, resolve_entry
 
 DEFAULT_JOB_DIR = os.path.join("runs", "slurm", "%j")
 
@@ -95,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wait", action="store_true",
                    help="wait for the job; print its result, or its traceback and exit 1 if it failed")
     g.add_argument("--entry", default=DEFAULT_ENTRY, metavar="MODULE:FUNCTION",
-                   help="function called with the training argv instead of train.train:main (it takes the trainer's "
-                        "flags, e.g. a wrapper around it)")
+                   help="function called with the training argv instead of train.train:main, e.g. train.segment:main; "
+                        "its module's parse_args / validate_args check the flags (else train.train's)")
     g.add_argument("--no-data-check", dest="data_check", action="store_false", default=True,
                    help="do not check before submitting that the data folder exists (data only on the compute "
                         "nodes); the other training-flag checks still run")
@@ -149,14 +147,16 @@ def _check_launcher_args(a: argparse.Namespace) -> None:
 
 
 def check_training_flags(a: argparse.Namespace, train_argv: Sequence[str]) -> None:
-    """The training flags as the job will read them: the trainer's parser (``--config`` included) and its full
-    check (``train.args.validate_args``: positive numbers, a registered model, the data folder unless
-    ``--no-data-check``), or for ``--script`` the script's own parser (:func:`slurm.script.validate`)."""
+    """The training flags as the job will read them: the entry's parser (``--config`` included) and its full check
+    (:func:`slurm.job.entry_flags`; for ``train.train`` ``train.args.validate_args``: positive numbers, a registered
+    model, the data folder unless ``--no-data-check``), or for ``--script`` the script's own parser
+    (:func:`slurm.script.validate`)."""
     try:
         if a.script is not None:
             script_mode.validate(a.script, train_argv, check_paths=a.data_check)
         else:
-            train_args.validate_args(train_args.parse_args(list(train_argv)), check_paths=a.data_check)
+            flags = entry_flags(a.entry)
+            flags.validate_args(flags.parse_args(list(train_argv)), check_paths=a.data_check)
     except SystemExit as e:
         if e.code in (0, None):
             raise  # --help of the training parser

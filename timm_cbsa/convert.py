@@ -30,9 +30,9 @@ before the model is touched: on error nothing is converted.
 The converted model records ``attn_layer='<ATTN name>'`` in ``model._model_args``, so ``timm.models.save_for_hf``
 writes it to ``config.json`` and ``timm.create_model('local-dir:DIR' or 'hf-hub:ORG/REPO', pretrained=True)``
 rebuilds the converted architecture (after ``import timm_cbsa``, which registers the names). timm's ViT constructor
-takes no ``rep_grid``, so a non-default one is not in that config: re-apply it with ``configure_cbsa(model,
-rep_grid=...)``. ``save_converted`` records it (``cbsa_config``) and ``load_converted`` refuses weights saved with
-another rep_grid / legacy_pool.
+takes no ``rep_grid``, so a square non-default grid is converted to the registered layer that carries it
+(``rep_grid=4`` → ``attn_layer='agent_qkv_r4'``, layers/named.py). Every layer also records its settings in the
+state dict, and a load with other settings is refused (layers/settings.py).
 """
 import copy
 import logging
@@ -45,8 +45,11 @@ from torch import nn
 from .layers.cbsa import CBSA
 from .layers.family import FAMILY_ATTN_LAYERS, AgentAttentionQKV, CBSAStar, LinearAttention
 from .ops.contract_broadcast.pooling import to_grid
+from .checkpoint import CheckpointMismatchError, check_keys, read_checkpoint, unwrap_state_dict
+from .layers.named import base_layer_name, grid_layer_name
+from .layers.settings import SETTINGS_KEY
 from .models._helpers import cbsa_config, check_cbsa_config, configure_cbsa
-from .models.cbt import CheckpointMismatchError, _check_against, _unwrap
+from .errors import CBSAError
 
 __all__ = [
     'VARIANTS', 'ConversionReport', 'UnsupportedModelError', 'convert', 'create_with_attention', 'attention_kind',
@@ -68,7 +71,7 @@ _SUPPORTED = ('timm VisionTransformer models whose blocks use timm Attention: vi
 _POOLED = (CBSAStar, AgentAttentionQKV, CBSA)
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(CBSAError, TypeError):
     """The model is not a timm ViT whose attention convert() / attn_layer= can replace."""
 
 
@@ -124,7 +127,8 @@ def _check_model(model: Any) -> List[Tuple[str, nn.Module]]:
                 f'supported). Supported: {_SUPPORTED}.')
         kind = attention_kind_of_module(attn)
         if kind != 'attn':
-            already = f" (already converted: attn_layer='{kind}')" if kind in FAMILY_ATTN_LAYERS or kind == 'cbsa' else ''
+            known = base_layer_name(kind) in FAMILY_ATTN_LAYERS or base_layer_name(kind) == 'cbsa'
+            already = f" (already converted: attn_layer='{kind}')" if known else ''
             raise UnsupportedModelError(
                 f'{name}: blocks.{i}.attn is {type(attn).__name__}{already}; convert() starts from timm Attention. '
                 f'Supported: {_SUPPORTED}.')
@@ -167,15 +171,14 @@ def _flags(attn: nn.Module) -> Dict[str, Any]:
     )
 
 
-def _build(attn: nn.Module, variant: str, rep_grid, cbsa_init: str, num_tokens: int) -> nn.Module:
-    """A new attention module for ``attn``, sharing its Linear / norm modules where the variant keeps them."""
-    cls, _ = VARIANTS[variant]
+def _build(attn: nn.Module, cls: type, variant: str, rep_grid, cbsa_init: str, num_tokens: int) -> nn.Module:
+    """A new ``cls`` attention module for ``attn``, sharing its Linear / norm modules where the variant keeps them."""
     flags = _flags(attn)
     ref = attn.qkv.weight
     kwargs = dict(num_heads=attn.num_heads, **flags, device=ref.device, dtype=ref.dtype)
     if flags['qk_norm'] or flags['scale_norm']:
         kwargs['norm_layer'] = nn.LayerNorm  # placeholder; the pretrained norm modules are moved in below
-    if cls in _POOLED and rep_grid is not None:
+    if issubclass(cls, _POOLED) and rep_grid is not None:
         kwargs['rep_grid'] = rep_grid
     new = cls(attn.proj.out_features, **kwargs)
     with torch.no_grad():
@@ -234,9 +237,14 @@ def convert(
         raise ValueError(f'Unknown cbsa_init {cbsa_init!r}; supported: {list(_CBSA_INITS)}.')
     targets = _check_model(model)
     cls, attn_layer = VARIANTS[variant]
+    pooled = cls in _POOLED
+    if pooled and rep_grid is not None and grid_layer_name(attn_layer, to_grid(rep_grid)):
+        from timm.models.vision_transformer import ATTN_LAYERS   # the named grid ('cbsa_r4'): config.json keeps it
+        attn_layer = grid_layer_name(attn_layer, to_grid(rep_grid))
+        cls = ATTN_LAYERS[attn_layer]
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
     rg = to_grid(rep_grid) if rep_grid is not None else to_grid(8)
-    if cls in _POOLED and (grid[0] < rg[0] or grid[1] < rg[1]):
+    if pooled and (grid[0] < rg[0] or grid[1] < rg[1]):
         raise ValueError(
             f'{_model_name(model)}: patch grid {grid[0]}x{grid[1]} is smaller than the representative grid '
             f'{rg[0]}x{rg[1]} of variant {variant!r}; pass a smaller rep_grid= to convert().')
@@ -247,10 +255,10 @@ def convert(
     before = _count(model)
     num_tokens = int(model.num_prefix_tokens) + grid[0] * grid[1]
     # build everything first (nothing is assigned to the model until all new modules exist)
-    new_modules = [(name, _build(attn, variant, rep_grid, cbsa_init, num_tokens)) for name, attn in targets]
+    new_modules = [(name, _build(attn, cls, variant, rep_grid, cbsa_init, num_tokens)) for name, attn in targets]
     for name, new in new_modules:
         model.get_submodule(name.rsplit('.', 1)[0]).attn = new
-    if cls in _POOLED:
+    if pooled:
         configure_cbsa(model, rep_grid=rep_grid)
     args = dict(getattr(model, '_model_args', {}) or {})
     args['attn_layer'] = attn_layer
@@ -275,11 +283,12 @@ def create_with_attention(model_name: str, attn_layer: str, **kwargs) -> nn.Modu
     """``timm.create_model(model_name, attn_layer=attn_layer, **kwargs)`` with a clear error for families whose
     attention cannot be chosen by ``attn_layer`` (Eva-family: eva02_*, vit_*_rope_*; CNNs; ...)."""
     import timm
-    from timm.models import get_pretrained_cfg, is_model, model_entrypoint
+    from timm.models import is_model, model_entrypoint
     from timm.models.vision_transformer import ATTN_LAYERS
     if attn_layer not in ATTN_LAYERS:
-        raise ValueError(f'Unknown attn_layer {attn_layer!r}; registered: {sorted(ATTN_LAYERS)} '
-                         '(import timm_cbsa registers the CBSA family).')
+        names = sorted(n for n in ATTN_LAYERS if base_layer_name(n) == n)
+        raise ValueError(f'Unknown attn_layer {attn_layer!r}; registered: {names}, and NAME_r1 ... NAME_r16 for the '
+                         'pooled ones (import timm_cbsa registers the CBSA family).')
     if not is_model(model_name.split('.')[0]):
         return timm.create_model(model_name, attn_layer=attn_layer, **kwargs)   # local-dir: / hf-hub: / timm's error
     module = model_entrypoint(model_name.split('.')[0]).__module__.rsplit('.', 1)[-1]
@@ -320,8 +329,10 @@ _NORMS = ('norm', 'q_norm', 'k_norm', 'norm_out')
 
 
 def _signature(keys_shapes: Dict[str, Tuple[int, ...]]) -> Tuple[frozenset, int]:
-    """(set of non-norm, non-bias parameter names, qkv width factor) of one attention module's state."""
-    names = frozenset(k for k in keys_shapes if not k.endswith('.bias') and k.split('.')[0] not in _NORMS)
+    """(set of non-norm, non-bias parameter names, qkv width factor) of one attention module's state (settings
+    records left out: older checkpoints have none)."""
+    names = frozenset(k for k in keys_shapes
+                      if not k.endswith('.bias') and k.split('.')[0] not in _NORMS and k != SETTINGS_KEY)
     qkv, proj = keys_shapes.get('qkv.weight'), keys_shapes.get('proj.weight')
     factor = qkv[0] // proj[0] if qkv is not None and proj is not None and proj[0] else 0
     return names, factor
@@ -368,22 +379,20 @@ def load_converted(model: nn.Module, checkpoint: Union[str, Dict[str, Any]], str
     ``UnsafeCheckpointError`` naming it.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        from .models._checkpoint import read_checkpoint
         checkpoint = read_checkpoint(checkpoint)      # weights_only; bad or unsafe files raise naming the file
     recorded = checkpoint.get('attn_layer') if isinstance(checkpoint, dict) else None
-    state_dict = _unwrap(checkpoint)
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(checkpoint)
     kind = attention_kind(model)
     def _variant(k):
         names = [v for v, (_, a) in VARIANTS.items() if a == k]
         return f"'{k}'" + (f" (convert variant '{names[0]}')" if names else '')
-    if recorded is not None and recorded != kind:
+    if recorded is not None and base_layer_name(recorded) != base_layer_name(kind):   # grids: checked below
         raise CheckpointMismatchError(
             f'Checkpoint is for attention {_variant(recorded)} but the model uses {_variant(kind)}. '
             f'Convert the model with the same variant first (supported variants: {sorted(VARIANTS)}).')
     if recorded is None:
         kinds = _checkpoint_kinds(state_dict)
-        if kinds and kind not in kinds:
+        if kinds and base_layer_name(kind) not in kinds:
             raise CheckpointMismatchError(
                 f"Checkpoint attention weights look like {' / '.join(_variant(k) for k in kinds)} but the model uses "
                 f'{_variant(kind)}. Convert the model with the same variant first (supported variants: '
@@ -391,5 +400,5 @@ def load_converted(model: nn.Module, checkpoint: Union[str, Dict[str, Any]], str
     if isinstance(checkpoint, dict):   # weights trained with another rep_grid / legacy_pool compute other outputs
         check_cbsa_config(model, checkpoint.get('cbsa_config'), strict=strict)
     if strict:
-        _check_against(state_dict, model)
+        check_keys(state_dict, model)
     return model.load_state_dict(state_dict, strict=strict)

@@ -23,7 +23,6 @@ from .layers.ista import ISTA
 __all__ = ['count_flops', 'report', 'main']
 
 PAPER_GFLOPS = {'cbt_tiny': 1.1, 'cbt_small': 4.0, 'cbt_base': 15.1, 'cbt_large': 47.3}
-PAPER_PARAMS_M = {'cbt_tiny': 1.8, 'cbt_small': 6.7, 'cbt_base': 25.7, 'cbt_large': 83.1}
 DEFAULT_MODELS = list(PAPER_GFLOPS) + [f'cbsa_vit_{s}' for s in ('tiny', 'small', 'base', 'large')]
 
 

@@ -7,7 +7,7 @@ import importlib
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 from timm.utils import ParseKwargs
@@ -225,15 +225,21 @@ def _load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     return out
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """Parse flags over the ``--config`` defaults and check the values (:func:`check_values`)."""
-    parser = build_parser()
+def parse_with_config(parser: argparse.ArgumentParser,
+                      argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, Dict[str, Any]]:
+    """``parser``'s flags over the defaults of its ``-c/--config`` YAML file (keys = flag names, '-' or '_'; an
+    unknown key is a :class:`ConfigError`). Returns the parsed flags and the file's values (by flag ``dest``)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("-c", "--config", default="")
     known, _ = pre.parse_known_args(argv)
     cfg = _load_config(known.config, parser) if known.config else {}
     parser.set_defaults(**cfg)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv), cfg
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse flags over the ``--config`` defaults and check the values (:func:`check_values`)."""
+    args, cfg = parse_with_config(build_parser(), argv)
     for key in ("model_kwargs", "opt_kwargs"):  # command-line kwargs merge over the file's, key by key
         given, from_cfg = getattr(args, key), cfg.get(key)
         if given is None or isinstance(given, (list, tuple)):

@@ -1,20 +1,21 @@
-"""Checkpoints and the run folder for ``train.train``: what timm's ``CheckpointSaver`` does not do.
+"""Checkpoint files and the run folder: atomic writes, the run-folder lock, loading and finding checkpoints.
 
-Layout of a run folder (``--output DIR`` [+ ``--experiment NAME``]), written by rank 0 only:
+Layout of a run folder (``--output DIR`` [+ ``--experiment NAME``]), written by rank 0 only (:class:`Saver`, the file
+layout of timm's ``CheckpointSaver``):
 
 * ``last.pth.tar``                  the newest checkpoint, end-of-epoch or mid-epoch (a hard link to the newest
                                     recovery file).
 * ``checkpoint-<E>.pth.tar``        end-of-epoch checkpoints ranked by the eval metric, ``--checkpoint-hist`` kept.
 * ``model_best.pth.tar``            the best of them.
 * ``recovery-<E>-<B>.pth.tar``      mid-epoch checkpoints (``--checkpoint-interval-steps``, a preemption signal,
-                                    ``--max-steps``; timm's ``save_recovery``, the two newest kept).
+                                    ``--max-steps``; the two newest kept).
 * ``args.yaml``, ``summary.csv``, ``log.txt``, ``result.json``, ``.lock``.
 
-What is ours on top of timm: every file is written to a temporary file in the same folder (named after the writing
-host and pid), fsync'ed and moved into place with :func:`os.replace`, so a crash (even SIGKILL) during a write leaves
-the previous file intact; checkpoints carry what an exact mid-epoch resume needs (scheduler, ``global_step``,
-``batches_done``, ``epoch_complete``, per-rank RNG states, how the model was built); :func:`find_resume_checkpoint`
-picks the newest loadable one; :class:`RunLock` keeps two runs out of one folder.
+Every file is written to a temporary file in the same folder (named after the writing host and pid), fsync'ed and
+moved into place with :func:`os.replace`, so a crash (even SIGKILL) during a write leaves the previous file intact;
+:func:`find_resume_checkpoint` picks the newest loadable checkpoint; :class:`RunLock` keeps two runs out of one folder.
+What a checkpoint holds (model, optimizer, scheduler, EMA, scaler, position, per-rank RNG states, how the model was
+built) is put together by :class:`train.state.Checkpointer`.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from timm.utils import CheckpointSaver
 
 _logger = logging.getLogger("train")
 
@@ -72,11 +72,17 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _tmp_name(path: str) -> str:
+    """A temporary file next to ``path``, named after the writing host and pid (see :func:`clean_stale_tmp`)."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    return os.path.join(folder, f".{os.path.basename(path)}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """``write(f)`` into a temp file in ``path``'s folder, fsync, ``os.replace``; the temp file is removed on error."""
     folder = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _tmp_name(path)
     try:
         with open(tmp, "xb") as f:
             write(f)
@@ -285,43 +291,107 @@ def find_resume_checkpoint(folder: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     return best
 
 
-class Saver(CheckpointSaver):
-    """timm's :class:`~timm.utils.CheckpointSaver` (ranked history, ``model_best``, recovery files, hard links)
-    with our checkpoint content and fsync'ed atomic writes.
+class Saver:
+    """The run folder's checkpoint files, in the layout of timm's :class:`~timm.utils.CheckpointSaver`, every one
+    written atomically (temporary file, fsync, :func:`os.replace`; links swapped in the same way).
 
-    ``state_fn(epoch, metric)`` returns the checkpoint dict (model, optimizer, scheduler, EMA, scaler, step, RNG...).
+    * :meth:`save_checkpoint` (end of an epoch): ``last.pth.tar``; ``checkpoint-<epoch>.pth.tar`` (a hard link to it)
+      when it ranks among the ``max_history`` best by its metric (higher is better unless ``decreasing``; ties keep
+      the earlier epoch; checkpoints without a metric follow the ranked ones, newest first, and never displace one);
+      ``model_best.pth.tar`` for the best so far.
+    * :meth:`save_recovery` (mid-epoch): ``recovery-<epoch>-<batch>.pth.tar`` (the two newest kept) and
+      ``last.pth.tar`` pointed at it, so ``last.pth.tar`` is always the newest checkpoint of the run.
+    * :meth:`remove_recovery`: drop the recovery files once an end-of-epoch checkpoint supersedes them.
+
+    Every checkpoint carries the ranking under ``'saver'`` (:meth:`state_dict`, the format of timm's
+    ``CheckpointSaver.state_dict``); :meth:`load_state_dict` continues it after a resume into the same folder.
+    timm's class is not used itself: it writes with ``torch.save`` straight into the run folder, renames without
+    fsync, and takes the checkpoint content only through a private method.
     """
 
-    def __init__(self, state_fn: Callable[[int, Optional[float]], Dict[str, Any]], folder: str, **kwargs):
-        super().__init__(model=None, optimizer=None, checkpoint_dir=folder, recovery_dir=folder, **kwargs)
-        self.state_fn = state_fn
+    def __init__(self, folder: str, decreasing: bool = False, max_history: int = 10):
+        if max_history < 1:
+            raise ValueError(f"max_history must be >= 1 (got {max_history})")
+        self.folder, self.decreasing, self.max_history = folder, decreasing, max_history
+        self.history: List[Tuple[str, Optional[float]]] = []  # (file name, metric), best first
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
+        self.recovery_files: List[str] = []  # this run's recovery files, oldest first
 
-    def _save(self, save_path, epoch, metric=None):
-        state = self.state_fn(epoch, metric)
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.decreasing else a > b
+
+    def state_dict(self, epoch: Optional[int] = None, metric: Optional[float] = None) -> Dict[str, Any]:
+        """The ranking before the checkpoint of ``epoch`` (``pending``) is added to it."""
+        return {"checkpoint_files": [(name, m) for name, m in self.history], "best_epoch": self.best_epoch,
+                "best_metric": self.best_metric, "pending": (epoch, metric)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history = [(os.path.basename(f), m) for f, m in state.get("checkpoint_files", [])
+                        if os.path.exists(self._path(os.path.basename(f)))]
+        self.best_epoch, self.best_metric = state.get("best_epoch"), state.get("best_metric")
+        epoch, metric = state.get("pending", (None, None))
+        name = f"checkpoint-{epoch}.pth.tar"
+        if epoch is not None and os.path.exists(self._path(name)) and name not in [f for f, _ in self.history]:
+            self._track(name, epoch, metric, link_best=False)
+
+    def save_checkpoint(self, state: Dict[str, Any], epoch: int, metric: Optional[float] = None) -> None:
         state["saver"] = self.state_dict(epoch, metric)
-        atomic_torch_save(state, save_path)
+        atomic_torch_save(state, self._path(LAST_NAME))
+        name = f"checkpoint-{epoch}.pth.tar"
+        self.history = [c for c in self.history if c[0] != name]  # the same epoch saved again (resumed earlier)
+        worst = self.history[-1][1] if self.history else None
+        if len(self.history) < self.max_history or worst is None or \
+                (metric is not None and self._better(metric, worst)):
+            while len(self.history) >= self.max_history:
+                _remove(self._path(self.history.pop()[0]))
+            self._link(LAST_NAME, name)
+            self._track(name, epoch, metric)
 
-    def _replace(self, src, dst):
-        os.replace(src, dst)
-        _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    def _track(self, name: str, epoch: int, metric: Optional[float], link_best: bool = True) -> None:
+        """Add a kept checkpoint to the ranking; ``model_best.pth.tar`` follows a new best."""
+        ranked = sorted([c for c in self.history if c[1] is not None] + ([(name, metric)] if metric is not None
+                        else []), key=lambda c: c[1], reverse=not self.decreasing)  # stable: ties keep the earlier
+        unranked = ([(name, None)] if metric is None else []) + [c for c in self.history if c[1] is None]
+        self.history = ranked + unranked
+        if metric is not None and (self.best_metric is None or self._better(metric, self.best_metric)):
+            self.best_epoch, self.best_metric = epoch, metric
+            if link_best:
+                self._link(LAST_NAME, BEST_NAME)
 
-    def save_recovery(self, epoch, batch_idx=0):
-        """timm's recovery file, and ``last.pth.tar`` pointed at it (a hard link, swapped in atomically), so
-        ``last.pth.tar`` is always the newest checkpoint of the run, mid-epoch ones included."""
-        super().save_recovery(epoch, batch_idx)
-        last = os.path.join(self.checkpoint_dir, LAST_NAME)
-        tmp = os.path.join(self.checkpoint_dir, f".{LAST_NAME}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            os.link(self.curr_recovery_file, tmp)
-        except OSError:  # no hard links on this file system: copy
-            shutil.copyfile(self.curr_recovery_file, tmp)
-        self._replace(tmp, last)
+    def save_recovery(self, state: Dict[str, Any], epoch: int, batch_idx: int = 0) -> None:
+        state["saver"] = self.state_dict(epoch)
+        name = f"recovery-{epoch}-{batch_idx}.pth.tar"
+        atomic_torch_save(state, self._path(name))
+        self._link(name, LAST_NAME)
+        self.recovery_files = [f for f in self.recovery_files if f != name] + [name]
+        while len(self.recovery_files) > 2:
+            _remove(self._path(self.recovery_files.pop(0)))
 
     def remove_recovery(self) -> None:
-        """Drop mid-epoch recovery files once an end-of-epoch checkpoint supersedes them."""
-        for f in _numbered(self.recovery_dir, self.recovery_prefix):
-            try:
-                os.remove(f)
-            except OSError:
-                pass
-        self.curr_recovery_file = self.prev_recovery_file = ""
+        for f in _numbered(self.folder, "recovery"):
+            _remove(f)
+        self.recovery_files = []
+
+    def _link(self, src: str, dst: str) -> None:
+        """``dst`` becomes a hard link to ``src`` (a copy where the file system has none), swapped in atomically."""
+        src, dst = self._path(src), self._path(dst)
+        tmp = _tmp_name(dst)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links on this file system: an fsync'ed copy
+            with open(src, "rb") as f:
+                _atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
+            return
+        os.replace(tmp, dst)
+        _fsync_dir(self.folder)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass

@@ -22,7 +22,7 @@ from timm.data.loader import PrefetchLoader, fast_collate
 
 from timm_cbsa.data import (
     DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundError,
-    FashionMNIST, SyntheticImages,
+    FashionMNIST, SyntheticImages, check_fashion_mnist_dir,
 )
 
 _logger = logging.getLogger("train")
@@ -115,13 +115,7 @@ def check_data_source(args) -> None:
     """Cheap check (before the model is built) that the data location exists and looks right."""
     kind = dataset_kind(args.dataset)
     if kind == "fashion_mnist":
-        from timm_cbsa.data.fashion_mnist import _find, _missing_msg, _FILES
-        root = args.data_dir or DEFAULT_FASHION_MNIST_DIR
-        if not os.path.isdir(root):
-            raise DatasetNotFoundError(_missing_msg(root, "data directory does not exist"))
-        for stems in _FILES.values():
-            for stem in stems[:2]:
-                _find(root, stem)
+        check_fashion_mnist_dir(args.data_dir or DEFAULT_FASHION_MNIST_DIR)
     elif kind == "folder":
         image_folder_class_map(args.data_dir, [args.train_split, args.val_split])
     elif kind in ("timm", "stream") and args.data_dir and not os.path.exists(args.data_dir) \

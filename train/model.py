@@ -96,19 +96,10 @@ def check_model_config(saved: Optional[Dict[str, Any]], current: Dict[str, Any],
 
 
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], path: str, name: str) -> None:
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[:3]})")
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        raise CheckpointError(f"Checkpoint '{path}' is incompatible with model '{name}': " + "; ".join(parts) + ".")
-    model.load_state_dict(state, strict=True)
+    """Load a checkpoint's state dict into ``model`` through timm_cbsa's checkpoint module (prefixes removed, keys
+    checked, the CBSA layers' recorded settings checked); a mismatch is a CheckpointError naming the file."""
+    from timm_cbsa.checkpoint import CBSAConfigMismatchError, CheckpointMismatchError, load_weights
+    try:
+        load_weights(model, state)
+    except (CheckpointMismatchError, CBSAConfigMismatchError) as e:
+        raise CheckpointError(f"Checkpoint '{path}' is incompatible with model '{name}': {e}") from e

@@ -143,3 +143,19 @@ def test_converted_vit(tmp_path, variant):
     expected = {'cbsa_star': 'representative', 'agent': 'representative', 'cbsa': 'representative',
                 'linear': 'linear'}[variant]
     assert {r['kind'] for r in rows} == {expected}
+
+
+def test_analysis_command_line_and_viz_alias(tmp_path, capsys):
+    """python -m timm_cbsa.analysis: every interpretability subcommand takes the shared options, viz is the same
+    command line, and bad input ends with the message and exit status 2."""
+    from timm_cbsa.analysis import cli
+    from timm_cbsa.analysis.__main__ import main as command_line
+    parser = cli.build_parser()
+    for name in ('attention', 'coding-rate', 'zeroshot', 'all'):
+        args = parser.parse_args([name, '--image', 'coffee', '--rate-images', 'astronaut', '--layers', '0',
+                                  '--out', str(tmp_path)])
+        assert (args.command, args.image, args.rate_images, args.layers) == (name, ['coffee'], ['astronaut'], '0')
+    assert viz.main is cli.main
+    missing = tmp_path / 'missing.pth'
+    assert command_line(['attention', '--checkpoint', str(missing), '--out', str(tmp_path / 'o')]) == 2
+    assert str(missing) in capsys.readouterr().err

@@ -10,8 +10,8 @@ import timm
 import timm_cbsa  # noqa: F401
 from timm.utils import AttentionExtract
 from timm_cbsa.analysis import (
-    class_token_maps, extraction_matrix, full_attention, query_attention, square_finder_model, synthetic_square,
-    to_model_input, trace_model, upsample_map, map_to_mask, iou,
+    class_token_maps, extraction_matrix, full_attention, head_map, head_mean_map, query_attention, square_finder_model,
+    synthetic_square, to_model_input, trace_model, upsample_map, map_to_mask, iou,
 )
 
 
@@ -130,14 +130,23 @@ def test_converted_attention_layers(name):
     if name not in ATTN_LAYERS:
         pytest.skip(f'attention layer {name!r} not registered in this checkout')
     torch.manual_seed(0)
-    kw = dict(rep_grid=2) if name in ('cbsa_star', 'agent') else {}
-    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=0, attn_layer=name).eval()
-    for blk in vit.blocks:
-        for k, v in kw.items():
-            setattr(blk.attn, k, (v, v))
+    layer = f'{name}_r2' if name in ('cbsa_star', 'agent') else name     # 2x2 representatives on the 4x4 grid
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=64, num_classes=0, attn_layer=layer).eval()
     tr = trace_model(vit, _photo())
     maps = class_token_maps(tr)
     assert maps.shape == (12, 1, 3, 4, 4) and torch.isfinite(maps).all() and (maps >= 0).all()
     full = full_attention(tr.layers[0])
     if tr.layers[0].kind in ('softmax', 'linear'):          # row-stochastic token-to-token maps
         torch.testing.assert_close(full.sum(-1), torch.ones(full.shape[:-1]), rtol=1e-4, atol=1e-4)
+
+
+def test_head_mean_map_puts_heads_on_one_scale():
+    """Each head's map divided by its own maximum, then averaged: a head with 100x larger values does not dominate."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 4, 5, generator=g), torch.rand(3, 4, 5, generator=g)     # (B, gh, gw) per head
+    maps = torch.stack([a, 100 * b], dim=1)                                          # (B, H=2, gh, gw)
+    want = torch.stack([(a[i] / a[i].max() + b[i] / b[i].max()) / 2 for i in range(3)])
+    torch.testing.assert_close(head_mean_map(maps), want)
+    torch.testing.assert_close(head_map(maps, 'mean'), want)
+    torch.testing.assert_close(head_map(maps, '1'), 100 * b)
+    assert torch.equal(head_mean_map(torch.zeros(2, 4, 5)), torch.zeros(4, 5))     # all-zero maps stay zero

@@ -21,11 +21,12 @@ def _bins(size, out):
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
 
 
-def reference_cbsa(x, layer, grid, prefix, legacy=False):
-    """Naive eq. (8): per batch element and head, using the layer's parameters only."""
+def reference_cbsa(x, layer, grid, prefix, legacy=False, head_dim=None):
+    """Naive eq. (8): per batch element and head, using the layer's parameters only (heads of width ``head_dim``,
+    default C / H)."""
     B, N, C = x.shape
     H = layer.num_heads
-    d = C // H
+    d = head_dim or C // H
     s = d ** -0.5
     rh, rw = layer.rep_grid
     gh, gw = grid
@@ -78,6 +79,44 @@ def test_forward_and_gradients_match_reference(dim, heads, grid, rep_grid, prefi
     ref_grads = torch.autograd.grad((ref * g).sum(), params)
     for p, a, b in zip(['x'] + [n for n, _ in layer.named_parameters()], grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f'gradient of {p}')
+
+
+@pytest.mark.parametrize('backend', ['eager', 'fused'])
+@pytest.mark.parametrize('attn_head_dim', [5, 16])
+def test_attn_head_dim_matches_reference(backend, attn_head_dim):
+    """timm's ``attn_head_dim``: heads of width d independent of the token width C (Uᵀ: C -> H·d, output projection
+    H·d -> C), as in the released segmentation decoder (3 heads x 100 inside 192- / 384-wide tokens)."""
+    C, H, grid = 24, 3, (5, 6)
+    layer = CBSA(C, num_heads=H, attn_head_dim=attn_head_dim, rep_grid=(2, 3), backend=backend).double()
+    assert layer.qkv.weight.shape == (H * attn_head_dim, C) and layer.proj.weight.shape == (C, H * attn_head_dim)
+    with torch.no_grad():
+        layer.proj.bias.normal_()
+    x = torch.randn(2, 1 + grid[0] * grid[1], C, dtype=torch.float64, requires_grad=True)
+    out = layer(x, grid_size=grid)
+    ref = reference_cbsa(x, layer, grid, 1, head_dim=attn_head_dim)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    params = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad((out * g).sum(), params), torch.autograd.grad((ref * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_attn_head_dim_none_is_dim_over_heads():
+    """The default (None) is C / H: the same parameters, shapes and random initialisation as attn_head_dim = C / H;
+    a width that heads do not divide needs attn_head_dim; bad values are refused by name."""
+    torch.manual_seed(0)
+    default = CBSA(24, num_heads=3).state_dict()
+    torch.manual_seed(0)
+    explicit = CBSA(24, num_heads=3, attn_head_dim=8).state_dict()
+    assert list(default) == list(explicit) and all(torch.equal(default[k], explicit[k]) for k in default)
+    assert default['qkv.weight'].shape == (24, 24) and default['proj.weight'].shape == (24, 24)
+    with pytest.raises(ValueError, match='not divisible.*attn_head_dim'):
+        CBSA(25, num_heads=3)
+    layer = CBSA(25, num_heads=3, attn_head_dim=10, rep_grid=2)
+    assert layer(torch.randn(1, 16, 25), grid_size=(4, 4)).shape == (1, 16, 25)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match='attn_head_dim must be a positive int'):
+            CBSA(24, num_heads=3, attn_head_dim=bad)
 
 
 def test_every_parameter_matters():

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm
-from timm_cbsa import CheckpointMismatchError, load_official_cbt
+from timm_cbsa import CBSAConfigMismatchError, CheckpointMismatchError, load_official_cbt
+from timm_cbsa.models.cbt import cbt_checkpoint_filter_fn
 from timm_cbsa.flops import report
 
 
@@ -160,6 +161,49 @@ def test_checkpoint_errors_name_the_keys(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r'mis-shaped keys: .*checkpoint \(192,\) vs model \(384,\)'):
         timm.create_model('cbt_small', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(_official_file(_released(), tmp_path / 't.pth'))))
+
+
+def test_filter_is_pure_and_records_the_released_settings():
+    """The filter maps keys and adds each CBSA layer's record of the released code (3 heads, 8x8, legacy pooling);
+    the model it is given keeps its settings."""
+    model = timm.create_model('cbt_tiny', depth=2)
+    state = {'module.' + k: v for k, v in _released(depth=2).state_dict().items()}
+    out = cbt_checkpoint_filter_fn({'epoch': 1, 'state_dict': state}, model)
+    assert [(b.attn.rep_grid, b.attn.legacy_pool) for b in model.blocks] == [((8, 8), False)] * 2
+    assert [out[f'blocks.{i}.attn._extra_state'].tolist() for i in range(2)] == [[1, 3, 8, 8, 1]] * 2
+    assert 'blocks.1.attn.step_x' in out and not any(k.startswith(('module.', 'transformer.')) for k in out)
+
+
+def test_released_weights_refuse_other_settings(tmp_path):
+    path = _official_file(_released(depth=2), tmp_path / 'cbt_tiny_best.pth.tar')
+    overlay = dict(file=str(path))
+    model = timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay)
+    assert model.blocks[0].attn.legacy_pool            # built so, because the file is in the released layout
+    with pytest.raises(CBSAConfigMismatchError,
+                       match=r'blocks\.0\.attn \(CBSA\): .*legacy_pool: saved True, model False'):
+        timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay, legacy_pool=False)
+    with pytest.raises(CBSAConfigMismatchError, match=r'rep_grid: saved \[8, 8\], model \[4, 4\]'):
+        timm.create_model('cbt_tiny', depth=2, pretrained=True, pretrained_cfg_overlay=overlay, rep_grid=4)
+    # weights re-saved from such a model carry legacy_pool=True: a model built with the corrected pooling refuses them
+    resaved = model.state_dict()
+    timm.create_model('cbt_tiny', depth=2, legacy_pool=True).load_state_dict(resaved)
+    with pytest.raises(CBSAConfigMismatchError, match='legacy_pool: saved True, model False'):
+        timm.create_model('cbt_tiny', depth=2).load_state_dict(resaved)
+
+
+def test_our_layout_without_records_loads_as_before(tmp_path):
+    """A file of ours written before the records existed, through the pretrained path: no legacy pooling (it is not
+    the released layout), same logits as the model that saved it."""
+    torch.manual_seed(0)
+    ours = timm.create_model('cbt_tiny', depth=2).eval()
+    old = {k: v for k, v in ours.state_dict().items() if not k.endswith('_extra_state')}
+    torch.save({'epoch': 1, 'state_dict': old}, tmp_path / 'ours.pth.tar')
+    loaded = timm.create_model('cbt_tiny', depth=2, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'ours.pth.tar'))).eval()
+    assert not loaded.blocks[0].attn.legacy_pool
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ours(x))
 
 
 def test_flops_within_two_percent_of_the_paper():

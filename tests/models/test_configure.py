@@ -19,7 +19,7 @@ def _logits(model, size=64):
 
 def _vit(**kw):
     torch.manual_seed(0)
-    return timm.create_model('vit_tiny_patch16_224', attn_layer='cbsa', img_size=64, depth=2, num_classes=5,
+    return timm.create_model('vit_tiny_patch16_224', attn_layer='cbsa_r4', img_size=64, depth=2, num_classes=5,
                              **kw).eval()
 
 

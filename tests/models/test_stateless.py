@@ -16,13 +16,11 @@ SIZES = ((64, 64), (48, 96))   # 4x4 and 3x6 patch grids at patch 16: same aspec
 
 def _model(name='vit_small_patch16_224', **kw):
     torch.manual_seed(0)
-    kw = dict(dict(attn_layer='cbsa', dynamic_img_size=True, depth=2, img_size=64, num_classes=7), **kw)
+    kw = dict(dict(attn_layer='cbsa_r2', dynamic_img_size=True, depth=2, img_size=64, num_classes=7), **kw)
     if name.startswith('cbsa_vit') or name.startswith('cbt'):
         kw.pop('attn_layer')
         kw.setdefault('rep_grid', 2)
     model = timm.create_model(name, **kw).eval()
-    if name.startswith('vit'):
-        timm_cbsa.configure_cbsa(model, rep_grid=2)
     with torch.no_grad():   # timm's init (std .02) makes A nearly uniform, so the grid would hardly matter
         for blk in model.blocks:
             blk.attn.qkv.weight.normal_(0, 0.05)

@@ -1,5 +1,7 @@
-"""Smoke test for the declared dependency floors (run by .ci/run in a venv holding the minimum timm):
-import, build cbsa_vit_small and vit_small_patch16_224 with attn_layer='cbsa', forward and backward."""
+"""Smoke test for the declared dependency floors (run by floor_smoke.sh in venvs holding the minimum timm / torch):
+import, build cbsa_vit_small and vit_small_patch16_224 with attn_layer='cbsa', forward and backward.
+``--timm V`` / ``--torch V``: fail unless the imported timm / torch have that version (the venv really uses it)."""
+import argparse
 import sys
 
 import timm
@@ -7,6 +9,14 @@ import torch
 
 import timm_cbsa
 
+parser = argparse.ArgumentParser()
+parser.add_argument('--timm', help='expected timm version')
+parser.add_argument('--torch', help='expected torch version prefix (e.g. 2.4)')
+args = parser.parse_args()
+if args.timm and timm.__version__ != args.timm:
+    sys.exit(f'floor smoke: expected timm {args.timm}, imported timm {timm.__version__} from {timm.__file__}')
+if args.torch and not torch.__version__.startswith(args.torch + '.'):
+    sys.exit(f'floor smoke: expected torch {args.torch}.*, imported torch {torch.__version__} from {torch.__file__}')
 print(f'floor smoke: python {sys.version.split()[0]}, torch {torch.__version__}, timm {timm.__version__}, '
       f'timm_cbsa from {timm_cbsa.__file__}')
 for name, kw in (('cbsa_vit_small', {}), ('vit_small_patch16_224', dict(attn_layer='cbsa', dynamic_img_size=True))):

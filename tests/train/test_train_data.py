@@ -13,7 +13,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from timm_cbsa.data import (  # noqa: E402
-    DEFAULT_FASHION_MNIST_DIR, DatasetNotFoundError, FashionMNIST, SyntheticImages, read_idx,
+    DEFAULT_FASHION_MNIST_DIR, DatasetNotFoundError, FashionMNIST, SyntheticImages, check_fashion_mnist_dir,
+    read_idx,
 )
 
 
@@ -58,6 +59,17 @@ def test_fmnist_missing_dir_names_apt_package(tmp_path):
         FashionMNIST(str(tmp_path / "nope"), "train")
     with pytest.raises(DatasetNotFoundError, match="train-images-idx3-ubyte"):
         FashionMNIST(str(tmp_path), "train")  # exists but empty
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_check_fashion_mnist_dir_names_the_missing_file(tmp_path, compress):
+    make_fake_fmnist(tmp_path, compress=compress)
+    check_fashion_mnist_dir(str(tmp_path))  # all four files present (.gz or plain)
+    os.remove(tmp_path / ("t10k-labels-idx1-ubyte" + (".gz" if compress else "")))
+    with pytest.raises(DatasetNotFoundError, match=r"file 't10k-labels-idx1-ubyte.gz' not found"):
+        check_fashion_mnist_dir(str(tmp_path))
+    with pytest.raises(DatasetNotFoundError, match="data directory does not exist"):
+        check_fashion_mnist_dir(str(tmp_path / "nope"))
 
 
 def test_fmnist_malformed_files(tmp_path):

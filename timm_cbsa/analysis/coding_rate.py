@@ -13,13 +13,13 @@ so the exact CBSA step ``Z - κ ∇f(Z)`` is eq. (6)/(7) with the constant α wr
 All rates are computed in float64 with a Cholesky factorisation (falls back to slogdet). ε² = 0.01 as in the paper's
 coding-rate hook (§6.8).
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 __all__ = [
-    'EPS2', 'coding_rate', 'head_coding_rates', 'compression_term', 'representative_objective',
-    'exact_cbsa_direction', 'exact_cbsa_step', 'orthonormal_heads',
+    'EPS2', 'coding_rate', 'coding_rate_gradient', 'head_coding_rates', 'compression_term',
+    'representative_objective', 'exact_cbsa_direction', 'exact_cbsa_step', 'orthonormal_heads',
 ]
 
 EPS2 = 0.01
@@ -47,6 +47,14 @@ def coding_rate(z: torch.Tensor, eps2: float = EPS2, width: Optional[int] = None
         gram = z @ z.transpose(-2, -1)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return 0.5 * _logdet_spd(eye + alpha * gram)
+
+
+def coding_rate_gradient(x: torch.Tensor, eps2: float = EPS2) -> torch.Tensor:
+    """∇_X R(X) = α X (I + α XᵀX)⁻¹, α = p/(m ε²), for representatives x (..., m, p): the bracket of eq. (7)."""
+    m, p = x.shape[-2], x.shape[-1]
+    alpha = p / (m * eps2)
+    eye = torch.eye(p, dtype=x.dtype, device=x.device)
+    return alpha * torch.linalg.solve(eye + alpha * x.transpose(-2, -1) @ x, x.transpose(-2, -1)).transpose(-2, -1)
 
 
 def head_coding_rates(w: torch.Tensor, eps2: float = EPS2) -> torch.Tensor:
@@ -86,11 +94,7 @@ def representative_objective(z: torch.Tensor, u: torch.Tensor, attn: torch.Tenso
 def exact_cbsa_direction(z: torch.Tensor, u: torch.Tensor, attn: torch.Tensor, eps2: float = EPS2) -> torch.Tensor:
     """Eq. (7) with α written out: Σ_k A_k [α X_k (I + α X_kᵀX_k)^{-1}] U_kᵀ = ∇_Z f(Z), shape (N, d), float64."""
     z, u, attn = z.double(), u.double(), attn.double()
-    x = _reps(z, u, attn)                                         # (K, m, p)
-    m, p = x.shape[-2], x.shape[-1]
-    alpha = p / (m * eps2)
-    eye = torch.eye(p, dtype=x.dtype, device=x.device)
-    contraction = alpha * torch.linalg.solve(eye + alpha * x.transpose(-2, -1) @ x, x.transpose(-2, -1)).transpose(-2, -1)
+    contraction = coding_rate_gradient(_reps(z, u, attn), eps2)  # (K, m, p)
     broadcast = attn.transpose(-2, -1) @ contraction              # (K, N, p)  = A_k · contraction
     return (broadcast @ u.transpose(-2, -1)).sum(0)               # Σ_k (...) U_kᵀ
 

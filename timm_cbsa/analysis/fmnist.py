@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .maps import head_map, head_names
 from .zeroshot import iou, map_to_mask, upsample_map
 
 __all__ = ['load_fmnist', 'fmnist_input', 'garment_mask', 'centre_box', 'fmnist_zeroshot', 'to_rgb']
@@ -64,8 +65,8 @@ def to_rgb(img: np.ndarray) -> np.ndarray:
 
 def fmnist_zeroshot(maps: torch.Tensor, images: Sequence[np.ndarray], method: str = 'otsu'
                     ) -> Tuple[List[Dict[str, object]], Dict[str, float]]:
-    """Mean foreground IoU over ``images`` per layer and head (and ``head='mean'``, the head average of per-head
-    max-normalised maps), with the two baselines.
+    """Mean foreground IoU over ``images`` per layer and head (and ``head='mean'``, ``head_mean_map``), with the two
+    baselines.
 
     maps: (L, B, H, gh, gw) class-token maps of the B images. Returns (rows, baselines) where baselines holds
     ``iou_all_fg`` (mean IoU of marking every pixel foreground), ``iou_centre_box`` and ``centre_box_frac``.
@@ -81,9 +82,8 @@ def fmnist_zeroshot(maps: torch.Tensor, images: Sequence[np.ndarray], method: st
     L, B, H = maps.shape[:3]
     for l in range(L):
         per = maps[l]                                                   # (B, H, gh, gw)
-        norm = per / per.flatten(2).amax(-1).clamp_min(1e-12)[..., None, None]
-        heads = [(str(h), per[:, h]) for h in range(H)] + [('mean', norm.mean(1))]
-        for head, m in heads:
+        for head in head_names(H):
+            m = head_map(per, head)                                     # (B, gh, gw)
             ious = [iou(map_to_mask(upsample_map(m[b], gts[b].shape), method), gts[b]) for b in range(B)]
             rows.append({'layer': l, 'head': head, 'threshold': method, 'images': B,
                          'iou_fg_mean': float(np.mean(ious)), 'iou_fg_std': float(np.std(ious)), **base})

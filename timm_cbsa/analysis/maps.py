@@ -8,8 +8,11 @@ attention matrix itself, ``softmax(q kᵀ · s)``.
 The maps are recomputed from each attention layer's *input* (captured by forward pre-hooks) with the layer's public
 methods (``project`` / ``representatives`` for CBSA, ``qkv`` / ``q_norm`` / ``k_norm`` for timm's ``Attention``), so
 they do not depend on the compute backend (eager / sdpa / fused softmax). Converted ViTs (``cbsa_star``, ``agent``,
-``linear``, ``mssa`` layers) are handled by duck typing, see ``attention_kind``. With the eager CBSA backend they equal what
-``timm.utils.AttentionExtract(model, method='hook')`` captures at ``*attn_drop`` (tested).
+``linear``, ``mssa`` layers) are handled by duck typing, see ``map_kind``. With the eager CBSA backend they equal what
+``timm.utils.AttentionExtract(model, method='hook')`` captures at ``*attn_drop`` (tested). The softmaxes are the
+operator's (``ops.contract_broadcast.naive``: ``extraction``, ``attention_weights``).
+
+Heads are compared on one scale by ``head_mean_map``: each head's map divided by its maximum, then averaged.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -18,26 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import attention_softmax
+from ..ops.contract_broadcast.naive import attention_weights, extraction
 
 __all__ = [
-    'LayerTrace', 'ModelTrace', 'attention_layers', 'attention_kind', 'qkv_heads', 'trace_model', 'extraction_matrix',
-    'full_attention', 'query_attention', 'class_token_maps',
+    'LayerTrace', 'ModelTrace', 'attention_layers', 'map_kind', 'qkv_heads', 'trace_model', 'extraction_matrix',
+    'full_attention', 'query_attention', 'class_token_maps', 'head_mean_map', 'head_map', 'head_names',
 ]
 
 
-def attention_kind(module: nn.Module) -> Optional[str]:
+def map_kind(module: nn.Module) -> Optional[str]:
     """How a layer's token-to-token map is formed (duck-typed, so converted / family layers work too):
 
-    'extraction'      the layer has ``extraction_matrix(x)`` -> (B, H, m, N)
     'representative'  pooled representatives (``representatives`` + ``project``): CBSA, CBSA*, agent attention;
                       A = softmax(R kᵀ s) with R = pool(q), map = Aᵀ A (the paper's A_k A_kᵀ)
     'linear'          kernelised linear attention (``LinearAttention``): map = φ(q) φ(k)ᵀ / normaliser
     'softmax'         softmax attention: timm ``Attention`` (``qkv`` with 3·C outputs) or MSSA (q = k = v)
     None              no token-to-token map (e.g. TSSA's channel attention)
     """
-    if callable(getattr(module, 'extraction_matrix', None)):
-        return 'extraction'
     has_project = callable(getattr(module, 'project', None))
     if has_project and callable(getattr(module, 'representatives', None)):
         return 'representative'
@@ -75,7 +75,7 @@ def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     out = []
     for i, blk in enumerate(blocks):
         attn = getattr(blk, 'attn', None)
-        if attn is not None and attention_kind(attn) is not None:
+        if attn is not None and map_kind(attn) is not None:
             out.append((f'blocks.{i}.attn', attn))
     if not out:
         raise ValueError('No supported attention layers found under model.blocks[i].attn.')
@@ -140,21 +140,17 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> ModelTrace:
     traces = []
     for name, mod in layers:
         idx = int(name.split('.')[1])
-        traces.append(LayerTrace(name, attention_kind(mod), mod, captured[name], ista.get(idx)))
+        traces.append(LayerTrace(name, map_kind(mod), mod, captured[name], ista.get(idx)))
     grid, prefix = _grid_and_prefix(model, x, traces[0].x.shape[1])
     return ModelTrace(traces, prefix, grid, logits)
 
 
 def extraction_matrix(layer: LayerTrace) -> torch.Tensor:
     """Extraction matrix A (the code's ``attn``, the paper's A_kᵀ): (B, H, m, N), rows sum to 1 over tokens."""
-    mod = layer.module
-    if layer.kind == 'extraction':
-        return mod.extraction_matrix(layer.x)
     if layer.kind != 'representative':
         raise ValueError(f'{layer.name} ({layer.kind}) has no extraction matrix.')
     q, k, _ = qkv_heads(layer)
-    r = mod.representatives(q)
-    return attention_softmax(r, k, mod.scale)
+    return extraction(layer.module.representatives(q), k, layer.module.scale)
 
 
 def full_attention(layer: LayerTrace) -> torch.Tensor:
@@ -162,7 +158,7 @@ def full_attention(layer: LayerTrace) -> torch.Tensor:
     normalised kernel φ(q)φ(k)ᵀ for linear attention."""
     if layer.kind == 'softmax':
         q, k, _ = qkv_heads(layer)
-        return attention_softmax(q.float(), k.float(), layer.module.scale)
+        return attention_weights(q.float(), k.float(), layer.module.scale)
     if layer.kind == 'linear':
         q, k, _ = qkv_heads(layer)
         q, k = F.elu(q.float()) + 1., F.elu(k.float()) + 1.
@@ -174,7 +170,7 @@ def full_attention(layer: LayerTrace) -> torch.Tensor:
 
 def query_attention(layer: LayerTrace, index: int = 0) -> torch.Tensor:
     """Row ``index`` of the full attention, (B, H, N), without forming the N×N matrix for CBSA layers."""
-    if layer.kind not in ('representative', 'extraction'):
+    if layer.kind != 'representative':
         return full_attention(layer)[:, :, index, :]
     a = extraction_matrix(layer).float()                       # (B, H, m, N)
     return (a[..., index].unsqueeze(-2) @ a).squeeze(-2)       # Σ_i A[i, index] A[i, :]
@@ -198,3 +194,20 @@ def class_token_maps(trace: ModelTrace, query: str = 'cls') -> torch.Tensor:
         patches = row[..., p:]
         maps.append(patches.reshape(*patches.shape[:2], gh, gw))
     return torch.stack(maps)
+
+
+def head_mean_map(maps: torch.Tensor) -> torch.Tensor:
+    """(..., H, gh, gw) per-head maps -> (..., gh, gw): each head's map divided by its maximum, then the mean over
+    the heads (so no head dominates by scale)."""
+    peak = maps.flatten(-2).amax(-1).clamp_min(1e-12)
+    return (maps / peak[..., None, None]).mean(-3)
+
+
+def head_names(num_heads: int) -> List[str]:
+    """The heads a table reports: '0', '1', ..., and 'mean' (``head_mean_map``)."""
+    return [str(h) for h in range(num_heads)] + ['mean']
+
+
+def head_map(maps: torch.Tensor, head: str) -> torch.Tensor:
+    """Map ``head`` (one of ``head_names``) of (..., H, gh, gw) per-head maps -> (..., gh, gw)."""
+    return head_mean_map(maps) if head == 'mean' else maps[..., int(head), :, :]

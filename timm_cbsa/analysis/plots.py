@@ -5,6 +5,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .maps import head_mean_map
+from .zeroshot import upsample_map
+
 __all__ = ['plot_class_token_maps', 'plot_full_attention', 'plot_coding_rate', 'plot_step_rates', 'plot_zeroshot',
            'plot_image_grid_maps']
 
@@ -34,11 +37,6 @@ def _norm(m: np.ndarray) -> np.ndarray:
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
 
 
-def _up(m: torch.Tensor, size) -> np.ndarray:
-    from .zeroshot import upsample_map
-    return upsample_map(m, size)
-
-
 def _img01(img: np.ndarray) -> np.ndarray:
     img = np.asarray(img)
     return img / 255.0 if img.dtype == np.uint8 else np.clip(img, 0, 1)
@@ -58,13 +56,12 @@ def plot_class_token_maps(img: np.ndarray, maps: torch.Tensor, layers: Sequence[
     base = _img01(img)
     for r, l in enumerate(layers):
         per = maps[l]
-        norm = per / per.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]
-        panels = [('image', None)] + [(f'head {h}', per[h]) for h in range(H)] + [('mean', norm.mean(0))]
+        panels = [('image', None)] + [(f'head {h}', per[h]) for h in range(H)] + [('mean', head_mean_map(per))]
         for c, (name, m) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(base)
             if m is not None:
-                ax.imshow(_norm(_up(m, size)), cmap='inferno', alpha=0.6, vmin=0, vmax=1)
+                ax.imshow(_norm(upsample_map(m, size)), cmap='inferno', alpha=0.6, vmin=0, vmax=1)
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(name, fontsize=7)
@@ -122,7 +119,6 @@ def plot_step_rates(rows: List[Dict[str, object]], path: str, kappa_mode: str = 
     plt = _plt()
     rows = [r for r in rows if r['kappa_mode'] == kappa_mode]
     heads = sorted({r['head'] for r in rows})
-    layers = sorted({r['layer'] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0), sharex=True)
     for h in heads:
         rr = sorted((r for r in rows if r['head'] == h), key=lambda r: r['layer'])
@@ -172,7 +168,7 @@ def plot_image_grid_maps(images: Sequence[np.ndarray], maps: torch.Tensor, layer
                          path: str, title: str = '', dpi: int = 90) -> str:
     """Columns: images; rows: the image, then the head-mean class-token map of each layer in ``layers`` over it.
 
-    maps: (L, B, H, gh, gw); each head's map is max-normalised before averaging over heads.
+    maps: (L, B, H, gh, gw); the head mean is ``head_mean_map``.
     """
     plt = _plt()
     B = len(images)
@@ -184,9 +180,8 @@ def plot_image_grid_maps(images: Sequence[np.ndarray], maps: torch.Tensor, layer
         axes[0, b].imshow(base)
         axes[0, b].set_title(captions[b], fontsize=6)
         for r, l in enumerate(layers, start=1):
-            per = maps[l, b]
-            m = (per / per.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]).mean(0)
-            axes[r, b].imshow(_norm(_up(m, size)), cmap='inferno', vmin=0, vmax=1)
+            m = head_mean_map(maps[l, b])
+            axes[r, b].imshow(_norm(upsample_map(m, size)), cmap='inferno', vmin=0, vmax=1)
             if b == 0:
                 axes[r, b].set_ylabel(f'layer {l}', fontsize=7)
     for ax in axes.flat:

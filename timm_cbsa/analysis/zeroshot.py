@@ -3,16 +3,15 @@
 map (gh, gw) → bilinear upsampling to the image size → threshold (Otsu or mean) → foreground mask → IoU / Jaccard
 against a ground-truth mask. Reported per layer and head, and for the head-averaged map of each layer.
 """
-import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ['otsu_threshold', 'upsample_map', 'map_to_mask', 'iou', 'zeroshot_table', 'ZEROSHOT_COLUMNS']
+from .maps import head_map, head_names
 
-ZEROSHOT_COLUMNS = ['layer', 'head', 'threshold', 'iou_fg', 'iou_bg', 'mask_frac', 'gt_frac', 'iou_all_fg']
+__all__ = ['otsu_threshold', 'upsample_map', 'map_to_mask', 'iou', 'zeroshot_table']
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -65,17 +64,14 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
 
 def zeroshot_table(maps: torch.Tensor, gt: np.ndarray, method: str = 'otsu', image_index: int = 0
                    ) -> List[Dict[str, object]]:
-    """IoU per layer and head (and head='mean' for the head-averaged map) for maps (L, B, H, gh, gw)."""
+    """IoU per layer and head (and head='mean', ``head_mean_map``) for maps (L, B, H, gh, gw)."""
     gt = np.asarray(gt, bool)
     size = gt.shape
     rows = []
     for l in range(maps.shape[0]):
-        per_head = maps[l, image_index]
-        # head-average of per-head max-normalised maps, so no head dominates by scale
-        norm = per_head / per_head.flatten(1).amax(-1).clamp_min(1e-12)[:, None, None]
-        items = [(str(h), per_head[h]) for h in range(per_head.shape[0])] + [('mean', norm.mean(0))]
-        for head, m in items:
-            up = upsample_map(m, size)
+        per_head = maps[l, image_index]                                  # (H, gh, gw)
+        for head in head_names(per_head.shape[0]):
+            up = upsample_map(head_map(per_head, head), size)
             mask = map_to_mask(up, method)
             rows.append({
                 'layer': l, 'head': head, 'threshold': method,

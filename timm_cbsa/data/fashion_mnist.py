@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image
 import torch.utils.data
 
+from ..errors import CBSAError
+
 __all__ = [
     "FashionMNIST",
     "DEFAULT_FASHION_MNIST_DIR",
@@ -22,7 +24,11 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "FASHION_MNIST_FILES",
     "DatasetNotFoundError",
+    "check_fashion_mnist_dir",
+    "find_fashion_mnist_file",
+    "fashion_mnist_missing_message",
     "read_idx",
 ]
 
@@ -36,7 +42,8 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
 
-_FILES = {
+# split -> (image file stem, label file stem, number of samples); each file is read as STEM.gz or STEM
+FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10000),
 }
@@ -44,11 +51,13 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "test": "test", "t10k":
                   "val": "test", "validation": "test", "eval": "test"}
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(CBSAError, FileNotFoundError):
     """Raised when a dataset directory or file is missing or malformed."""
 
 
-def _missing_msg(root: str, what: str) -> str:
+def fashion_mnist_missing_message(root: str, what: str) -> str:
+    """The error text for missing Fashion-MNIST data under ``root``: ``what`` is missing, and how to install it
+    (the Debian package for the default folder, the expected IDX file names for any other)."""
     msg = f"Fashion-MNIST: {what} ('{root}')."
     if os.path.abspath(root) == os.path.abspath(DEFAULT_FASHION_MNIST_DIR):
         msg += (f" Install the Debian package with: "
@@ -61,12 +70,23 @@ def _missing_msg(root: str, what: str) -> str:
     return msg
 
 
-def _find(root: str, stem: str) -> str:
+def find_fashion_mnist_file(root: str, stem: str) -> str:
+    """Path of the IDX file ``STEM.gz`` (preferred) or ``STEM`` in ``root``; DatasetNotFoundError if neither exists."""
     for name in (stem + ".gz", stem):
         path = os.path.join(root, name)
         if os.path.isfile(path):
             return path
-    raise DatasetNotFoundError(_missing_msg(root, f"file '{stem}.gz' not found"))
+    raise DatasetNotFoundError(fashion_mnist_missing_message(root, f"file '{stem}.gz' not found"))
+
+
+def check_fashion_mnist_dir(root: str) -> None:
+    """Cheap check that ``root`` holds the four Fashion-MNIST IDX files (nothing is read); raises
+    DatasetNotFoundError naming the missing folder or file and how to install the data."""
+    if not os.path.isdir(root):
+        raise DatasetNotFoundError(fashion_mnist_missing_message(root, "data directory does not exist"))
+    for images, labels, _ in FASHION_MNIST_FILES.values():
+        find_fashion_mnist_file(root, images)
+        find_fashion_mnist_file(root, labels)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -122,11 +142,11 @@ class FashionMNIST(torch.utils.data.Dataset):
             raise ValueError(f"Fashion-MNIST: unknown split '{split}', use 'train' or 'test'.")
         self.split = _SPLIT_ALIASES[split]
         if not os.path.isdir(root):
-            raise DatasetNotFoundError(_missing_msg(root, "data directory does not exist"))
+            raise DatasetNotFoundError(fashion_mnist_missing_message(root, "data directory does not exist"))
         self.root = root
-        img_stem, lbl_stem, expected = _FILES[self.split]
-        images = read_idx(_find(root, img_stem))
-        labels = read_idx(_find(root, lbl_stem))
+        img_stem, lbl_stem, expected = FASHION_MNIST_FILES[self.split]
+        images = read_idx(find_fashion_mnist_file(root, img_stem))
+        labels = read_idx(find_fashion_mnist_file(root, lbl_stem))
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise DatasetNotFoundError(f"Fashion-MNIST: images in '{root}' have shape {images.shape}, expected (N, 28, 28).")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:

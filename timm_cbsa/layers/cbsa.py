@@ -14,95 +14,42 @@ Read next to the paper's eq. (8) / Algorithm 1. Per head k, with W = U_kᵀZ the
 projects, pools and merges heads; the middle four lines are the operator ``timm_cbsa.ops.contract_broadcast``
 (``naive.py`` is the reference the eager path runs). Cost: O(N·m·d) per head, linear in N for fixed m.
 """
-from typing import Optional, Tuple, Type, Union
+from typing import Optional, Tuple
 
 import torch
-from torch import nn
 
 from ..ops.contract_broadcast import contract_and_broadcast, select, warn_once
-from ..ops.contract_broadcast.naive import attention_weights, extraction, similarity, update_contract_broadcast
-from ..ops.contract_broadcast.pooling import pool_representatives
-from ..ops.tracing import fx_leaf, is_exporting
-from ._heads import init_heads
-from .config import resolve_backend
+from ..ops.contract_broadcast.naive import extraction, update_contract_broadcast
+from ..ops.tracing import is_exporting
+from .base import check_no_mask, split_heads
 from .layout import GridAwareAttention
 
-__all__ = ['CBSA', 'attention_weights', 'similarity', 'check_no_mask']
+__all__ = ['CBSA']
 
-
-@fx_leaf
-def check_no_mask(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
-    """CBSA pools every patch token and broadcasts to every token, so it cannot honour a mask."""
-    if attn_mask is not None or is_causal:
-        raise ValueError(
-            'CBSA cannot honour attn_mask / is_causal: its representatives pool every patch token and its '
-            'broadcast reaches every token. Use a softmax attention layer for masked inputs.')
-
-
-torch.fx.wrap('check_no_mask')
+torch.fx.wrap('check_no_mask')   # FX: a leaf call in this module (it branches on its arguments)
 
 
 class CBSA(GridAwareAttention):
     """CBSA attention, a drop-in for timm's ``Attention`` (``attn_layer='cbsa'``).
 
-    Args:
-        dim: token width C.
-        num_heads: number of heads = number of subspaces K; head width d = C / K.
-        qkv_bias: bias on the single projection Uᵀ (the paper has none; timm's ViTs default to True).
-        qk_norm: normalise the projected tokens per head before pooling (timm's qk_norm).
-        scale_norm: normalise the merged heads before the output projection.
-        proj_bias: bias on the output projection (the paper's to_out has one).
-        attn_drop: dropout on the extraction matrix A (forces the eager path while training).
-        proj_drop: dropout after the output projection.
-        norm_layer: norm for qk_norm / scale_norm.
-        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. Default 8 → m = 64.
-        legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
-        grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid
-            (see ``layout.py``).
-        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
-        num_trailing_tokens: tokens after the patch tokens that are not pooled (e.g. a segmentation decoder's
-            class embeddings).
-        backend: the implementation of the operator: 'eager' (the reference), 'fused', 'sdpa', 'xformers',
-            'triton', or 'auto' ('triton' on CUDA where it runs, else 'fused'); None: the default of ``config.py``
-            ('auto' unless set). ``impl`` (in the repr) is what runs: chosen now and whenever the layer moves to
-            another device, from static checks (``ops.contract_broadcast.select``).
+    Args: timm's ``Attention`` arguments (``base.ProjectedAttention``; ``qkv`` is the single projection Uᵀ, q = k =
+    v) and the pooling arguments of ``GridAwareAttention`` (``rep_grid``, ``legacy_pool``: None takes a registered
+    'cbsa_r4'-style name's grid or the model entrypoint's defaults; ``grid_size``, ``num_prefix_tokens``,
+    ``num_trailing_tokens``), with ``backend``: the implementation of the operator: 'eager' (the reference),
+    'fused', 'sdpa', 'xformers', 'triton', or 'auto' ('triton' on CUDA where it runs, else 'fused'); None: the
+    default of ``config.py`` ('auto' unless set). ``impl`` (in the repr) is what runs: chosen now and whenever the
+    layer moves to another device, from static checks (``ops.contract_broadcast.select``). ``attn_drop`` drops
+    entries of the extraction matrix A (it forces the eager path while training).
+
+    Parameters: ``qkv`` (Uᵀ), ``norm`` (qk_norm), ``step_rep`` (η) and ``step_x`` (κ), per head and sign free,
+    ``norm_out`` (scale_norm), ``proj`` (the over-parameterised U_k, the paper's ``to_out``).
 
     Shapes: forward(x: (B, N, C)) -> (B, N, C), N = prefix tokens + H_p*W_p patch tokens + trailing tokens.
+
+    num_heads, rep_grid and legacy_pool travel in the state dict and are checked on load (``settings.py``).
     """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
-            grid_size: Optional[Tuple[int, int]] = None,
-            num_prefix_tokens: int = -1,
-            num_trailing_tokens: int = 0,
-            backend: Optional[str] = None,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
-        dd = {'device': device, 'dtype': dtype}
-        norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
-
-        self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)        # Uᵀ for all heads (q = k = v), "proj" in the paper
-        self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-        self.step_rep = nn.Parameter(torch.randn(num_heads, 1, 1, **dd))  # η, per head, sign free
-        self.step_x = nn.Parameter(torch.randn(num_heads, 1, 1, **dd))    # κ, per head, sign free
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)      # over-parameterised U_k ("to_out")
-        self.proj_drop = nn.Dropout(proj_drop)
-        self.backend = resolve_backend(backend)                    # selects self.impl
+    attn_name = 'cbsa'
+    step_init = 'randn'
 
     def select_impl(self) -> None:
         """Choose the operator's implementation for this layer's device, head width and m (static checks)."""
@@ -113,20 +60,9 @@ class CBSA(GridAwareAttention):
             warn_once(('select', self.backend, device.type, self.impl_note),
                       'CBSA: backend %r cannot run here (%s); using %r.', self.backend, self.impl_note, self.impl)
 
-    def extra_repr(self) -> str:
-        note = f' ({self.impl_note})' if self.impl_note else ''
-        return (f'num_heads={self.num_heads}, rep_grid={self.rep_grid}, legacy_pool={self.legacy_pool}, '
-                f'grid_size={self.grid_size}, backend={self.backend!r}, impl={self.impl!r}{note}')
-
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, C) tokens -> (B, H, N, d) projected tokens W = U_kᵀ Z (after qk_norm)."""
-        B, N, C = x.shape
-        w = self.qkv(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        return self.norm(w)
-
-    def representatives(self, w: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """(B, H, N, d) projected tokens -> (B, H, m, d) initial representatives Q_ini."""
-        return pool_representatives(w, self.pool_spec(w.shape[2], grid_size))
+        return self.norm(split_heads(self.qkv(x), self.num_heads))
 
     def contract_and_broadcast(self, w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The reference (eager) path, ``naive.py`` with attention dropout on A. w: (B, H, N, d) tokens,
@@ -142,7 +78,6 @@ class CBSA(GridAwareAttention):
             grid_size: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
         check_no_mask(attn_mask, is_causal)
-        B, N, C = x.shape
         w = self.project(x)                                       # (B, H, N, d)
         if torch.jit.is_scripting():
             y = self.contract_and_broadcast(w, self.representatives(w, grid_size))
@@ -153,8 +88,5 @@ class CBSA(GridAwareAttention):
             # the operator pools the representatives itself (block by block / inside the kernels)
             self.check_strict()
             y = contract_and_broadcast(w, self.step_rep, self.step_x, self.scale,
-                                       pool=self.pool_spec(N, grid_size), impl=self.impl)
-        y = y.transpose(1, 2).reshape(B, N, C)
-        y = self.norm_out(y)
-        y = self.proj(y)
-        return self.proj_drop(y)
+                                       pool=self.pool_spec(x.shape[1], grid_size), impl=self.impl)
+        return self.output(y)

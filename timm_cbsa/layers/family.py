@@ -37,12 +37,18 @@ ATTN name      class                   projections  operator
 'linear'       ``LinearAttention``     3 (q, k, v)  kernelised linear attention, φ = elu + 1 (Katharopoulos)
 =============  ======================  ===========  ==========================================================
 
-Parameter names: single-projection layers follow ``CBSA`` (``qkv`` = Uᵀ of shape C × C, ``norm`` = qk_norm on the
-projected tokens, ``norm_out`` = scale_norm); three-projection layers follow timm's ``Attention`` (``qkv`` of shape
-3C × C, ``q_norm``, ``k_norm``, ``norm``) so that a pretrained ViT's attention weights load into them unchanged.
-All layers have ``proj`` / ``proj_drop`` / ``attn_drop``. Softmax statistics are float32 for half inputs.
+The pooled layers ('cbsa', 'cbsa_star', 'agent', 'agent_qkv') are also registered with a fixed representative grid,
+'NAME_r1' … 'NAME_r16' (layers/named.py), for ViTs built by string. Every layer records the settings that change its
+function without changing a parameter's shape (num_heads, rep_grid, legacy_pool, broadcast) in its state dict
+(layers/settings.py).
+
+The constructor (timm's signature), the projections and their parameter names are ``base.ProjectedAttention``'s;
+the pooled layers add the pooling arguments of ``layout.GridAwareAttention``. Single-projection layers are named like
+``CBSA`` (``qkv`` = Uᵀ of shape C × C, ``norm``, ``norm_out``); three-projection layers like timm's ``Attention``
+(``qkv`` of shape 3C × C, ``q_norm``, ``k_norm``, ``norm``), so a pretrained ViT's attention weights load into them
+unchanged. Softmax statistics are float32 for half inputs.
 """
-from typing import Optional, Tuple, Type, Union
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,19 +58,19 @@ from torch.jit import Final
 from timm.layers import use_fused_attn
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
-from ._fx import register_notrace_function
-from ._heads import init_heads
-from .config import resolve_backend
-from ..ops.contract_broadcast.naive import attention_weights, extraction
-from .cbsa import check_no_mask
+from ..ops.contract_broadcast.naive import attention_weights, contraction, extraction, update
+from ..ops.tracing import fx_leaf
+from .base import ProjectedAttention, check_no_mask
 from .layout import GridAwareAttention
-from ..ops.contract_broadcast.pooling import pool_representatives
+from .settings import BROADCASTS
 
 __all__ = [
     'contract', 'contract_and_broadcast_general', 'channel_rescale_eq13', 'principal_direction_attention_eq12',
-    'agent_broadcast', 'extraction',
+    'agent_broadcast',
     'MSSA', 'TSSA', 'LinearAttention', 'AgentAttention', 'AgentAttentionQKV', 'CBSAStar', 'FAMILY_ATTN_LAYERS',
 ]
+
+torch.fx.wrap('check_no_mask')   # FX: a leaf call in this module (it branches on its arguments)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -83,8 +89,7 @@ def contract(q: torch.Tensor, mode: Optional[str] = 'softmax', scale: Optional[f
         return q
     m, p = q.shape[-2], q.shape[-1]
     if mode == 'softmax':
-        s = p ** -0.5 if scale is None else scale
-        return attention_weights(q, q, s) @ q
+        return contraction(q, p ** -0.5 if scale is None else scale)
     if mode == 'exact':
         alpha = p / (m * eps ** 2)
         gram = alpha * (q @ q.transpose(-2, -1))
@@ -145,7 +150,7 @@ def agent_broadcast(q: torch.Tensor, r: torch.Tensor, scale: float) -> torch.Ten
     return attention_weights(q, r, scale)
 
 
-@register_notrace_function
+@fx_leaf
 def float32_if_half(t: torch.Tensor) -> torch.Tensor:
     """float16 / bfloat16 → float32 for reductions over tokens; other dtypes unchanged (FX: a leaf call)."""
     if t.dtype == torch.float16 or t.dtype == torch.bfloat16:
@@ -160,72 +165,7 @@ torch.fx.wrap('float32_if_half')
 # layers
 # --------------------------------------------------------------------------------------------------------------------
 
-def _head_split(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    B, N, C = t.shape
-    return t.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    B, H, N, d = t.shape
-    return t.transpose(1, 2).reshape(B, N, H * d)
-
-
-class _ProjectedAttention(nn.Module):
-    """Shared constructor: timm's ``Attention`` signature, one (q = k = v) or three projections, output proj."""
-    shared_qkv: Final[bool]
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            shared_qkv: bool = True,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        norm_layer = init_heads(self, dim, num_heads, qk_norm, scale_norm, norm_layer)
-        self.shared_qkv = shared_qkv
-        if shared_qkv:   # CBSA naming: qkv = Uᵀ (C × C), norm = qk_norm on W, norm_out = scale_norm
-            self.qkv = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-            self.norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-            self.norm_out = norm_layer(dim, **dd) if scale_norm else nn.Identity()
-            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()   # unused (parameter-free; TorchScript)
-        else:            # timm naming: qkv (3C × C), q_norm / k_norm, norm = scale_norm
-            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-            self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-            self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
-            self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
-            self.norm_out = nn.Identity()                                # unused (parameter-free; TorchScript)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, N, C) → q, k, v, each (B, H, N, d); q = k = v = W for a single projection."""
-        B, N, C = x.shape
-        if self.shared_qkv:
-            w = self.norm(_head_split(self.qkv(x), self.num_heads))
-            return w, w, w
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return self.q_norm(q), self.k_norm(k), v
-
-    def output(self, y: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, d) heads → merged, scale-normed, projected (B, N, C)."""
-        y = _merge(y)
-        y = self.norm_out(y) if self.shared_qkv else self.norm(y)
-        return self.proj_drop(self.proj(y))
-
-
-class MSSA(_ProjectedAttention):
+class MSSA(ProjectedAttention):
     """CRATE's multi-head subspace self-attention (``attn_layer='mssa'``): softmax attention with q = k = v = Uᵀz.
 
     out = proj( concat_k softmax(W_k W_kᵀ s) W_k ). CBSA with self-expressed representatives (Q = Z, A = I).
@@ -234,11 +174,8 @@ class MSSA(_ProjectedAttention):
     """
     fused_attn: Final[bool]
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=True, device=device, dtype=dtype)
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
         self.fused_attn = use_fused_attn()
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -261,7 +198,7 @@ class MSSA(_ProjectedAttention):
         return self.output(y)
 
 
-class TSSA(_ProjectedAttention):
+class TSSA(ProjectedAttention):
     """ToST's token statistics self-attention (``attn_layer='tssa'``), channel attention of eq. (13).
 
     Per head k, with W the projected tokens and Π (B, K, N) a soft assignment of tokens to heads:
@@ -272,12 +209,10 @@ class TSSA(_ProjectedAttention):
     No masks; no pooled representatives, so no patch grid is needed.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=True, device=device, dtype=dtype)
-        self.temp = nn.Parameter(torch.ones(num_heads, 1, device=device, dtype=dtype))
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        ref = self.proj.weight
+        self.temp = nn.Parameter(torch.ones(num_heads, 1, device=ref.device, dtype=ref.dtype))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
@@ -293,7 +228,7 @@ class TSSA(_ProjectedAttention):
         return self.output(y.to(w.dtype))
 
 
-class LinearAttention(_ProjectedAttention):
+class LinearAttention(ProjectedAttention):
     """Kernelised linear attention (``attn_layer='linear'``), the linear-attention baseline of the paper's Fig. 9.
 
     φ(x) = elu(x) + 1;  out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / (φ(q_i)ᵀ Σ_j φ(k_j) + 1e-6)   (Katharopoulos et al. 2020)
@@ -305,11 +240,10 @@ class LinearAttention(_ProjectedAttention):
     ``attn_drop`` is kept for the signature; there is no attention matrix to drop.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, eps: float = 1e-6, device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=False, device=device, dtype=dtype)
+    shared_qkv = False
+
+    def __init__(self, dim: int, num_heads: int = 8, *, eps: float = 1e-6, **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
         self.eps = eps
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -325,43 +259,31 @@ class LinearAttention(_ProjectedAttention):
         return self.output(y.to(dtype))
 
 
-class _RepresentativeAttention(_ProjectedAttention, GridAwareAttention):
-    """Base of the layers with pooled representatives: patch grid, representative grid, backend (like ``CBSA``).
+class _PooledQueryAttention(GridAwareAttention):
+    """The agent-style layers: representatives R pooled from the queries read the tokens (extraction A =
+    softmax_N(R kᵀ s)); each token then reads the representatives (``broadcast='softmax'``: B = softmax_m(q Rᵀ s))
+    or receives through Aᵀ (``broadcast='extraction'``, recorded in the state dict). Subclasses give the middle
+    (``attend``)."""
+    SETTINGS = GridAwareAttention.SETTINGS + ('broadcast',)
 
-    Attributes shared with ``CBSA`` (set by ``configure_cbsa`` / ``bind_patch_grid``): ``rep_grid``,
-    ``legacy_pool``, ``grid_size``, ``num_prefix_tokens``, ``backend``. Representatives are the *queries* average-pooled
-    over the patch grid (Agent Attention / the released adaptation code); with one projection queries = tokens.
-    """
-    legacy_pool: Final[bool]
+    def __init__(self, dim: int, num_heads: int = 8, *, broadcast: str = 'softmax', **kwargs):
+        super().__init__(dim, num_heads, **kwargs)
+        if broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}.")
+        self.broadcast = broadcast
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = True,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
-                 grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
-                 backend: Optional[str] = None, device=None, dtype=None):
-        _ProjectedAttention.__init__(
-            self, dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-            shared_qkv=shared_qkv, device=device, dtype=dtype)
-        self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens)
-        self.backend = resolve_backend(backend)
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        check_no_mask(attn_mask, is_causal)
+        q, k, v = self.project(x)
+        return self.output(self.attend(q, k, v, self.representatives(q, grid_size)))
 
-    def extra_repr(self) -> str:
-        return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
-                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}, impl={self.impl!r}')
-
-    def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        """(B, H, N, d) queries → (B, H, m, d) pooled initial representatives."""
-        return pool_representatives(q, self.pool_spec(q.shape[2], grid_size))
-
-    def _use_sdpa(self, like: torch.Tensor) -> bool:
-        """Any backend but 'eager' runs these layers through torch SDPA (not while attention dropout trains)."""
-        if torch.jit.is_scripting():
-            return False
-        return self.impl != 'eager' and not (self.training and self.attn_drop.p > 0)
+    def broadcast_matrix(self, q: torch.Tensor, r: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, m): B = softmax_m(q Rᵀ s), or Aᵀ for ``broadcast='extraction'``."""
+        return agent_broadcast(q, r, self.scale) if self.broadcast == 'softmax' else attn.transpose(-2, -1)
 
 
-class AgentAttention(_RepresentativeAttention):
+class AgentAttention(_PooledQueryAttention):
     """CBSA∨ / Agent Attention (``attn_layer='agent'``): CBSA without the contraction step.
 
         R   = pool(q)                                   m representatives (agents): pooled queries
@@ -375,54 +297,24 @@ class AgentAttention(_RepresentativeAttention):
     ``'agent'`` has one projection (q = k = v = Uᵀz, as in the paper's Table 4 fair comparison);
     ``'agent_qkv'`` / ``AgentAttentionQKV`` keeps three (``convert(model, 'agent')``).
     """
+    attn_name = 'agent'
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = True,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
-                 grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
-                 backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=shared_qkv, rep_grid=rep_grid, legacy_pool=legacy_pool, grid_size=grid_size,
-                         num_prefix_tokens=num_prefix_tokens, backend=backend, device=device, dtype=dtype)
-        if broadcast not in ('softmax', 'extraction'):
-            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
-        self.broadcast = broadcast
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        check_no_mask(attn_mask, is_causal)
-        q, k, v = self.project(x)
-        r = self.representatives(q, grid_size)                     # (B, H, m, d)
-        if self.broadcast == 'softmax' and self._use_sdpa(q):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, N, d), r (B, H, m, d) -> (B, H, N, d)."""
+        if self.broadcast == 'softmax' and self.runs_sdpa():
             va = F.scaled_dot_product_attention(r, k, v, scale=self.scale)
-            y = F.scaled_dot_product_attention(q, r, va, scale=self.scale)
-        else:
-            attn = self.attn_drop(extraction(r, k, self.scale))    # (B, H, m, N)
-            va = attn @ v                                          # (B, H, m, d)
-            if self.broadcast == 'softmax':
-                y = agent_broadcast(q, r, self.scale) @ va
-            else:
-                y = attn.transpose(-2, -1) @ va
-        return self.output(y)
+            return F.scaled_dot_product_attention(q, r, va, scale=self.scale)
+        attn = self.attn_drop(extraction(r, k, self.scale))        # A (B, H, m, N)
+        return self.broadcast_matrix(q, r, attn) @ (attn @ v)      # B V_a
 
 
 class AgentAttentionQKV(AgentAttention):
     """``AgentAttention`` with three projections q, k, v (``attn_layer='agent_qkv'``; target of convert 'agent')."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, shared_qkv: bool = False,
-                 rep_grid: Union[int, Tuple[int, int]] = 8, legacy_pool: bool = False,
-                 grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
-                 backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=shared_qkv, rep_grid=rep_grid, legacy_pool=legacy_pool, grid_size=grid_size,
-                         num_prefix_tokens=num_prefix_tokens, backend=backend, broadcast=broadcast,
-                         device=device, dtype=dtype)
+    attn_name = 'agent_qkv'
+    shared_qkv = False
 
 
-class CBSAStar(_RepresentativeAttention):
+class CBSAStar(_PooledQueryAttention):
     """CBSA* (``attn_layer='cbsa_star'``): CBSA with the three projections of MHSA, contraction kept (paper Fig. 9).
 
         R0  = pool(q)                                   pooled queries
@@ -437,39 +329,20 @@ class CBSAStar(_RepresentativeAttention):
     (so at initialisation it equals those two lines exactly). Parameter names: timm's (``qkv`` 3C × C, ``q_norm``,
     ``k_norm``, ``norm``, ``proj``) plus ``step_rep`` (η) and ``step_x`` (κ) as in ``CBSA``.
     """
+    attn_name = 'cbsa_star'
+    shared_qkv = False
+    step_init = 'ones'
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
-                 scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.,
-                 norm_layer: Optional[Type[nn.Module]] = None, rep_grid: Union[int, Tuple[int, int]] = 8,
-                 legacy_pool: bool = False, grid_size: Optional[Tuple[int, int]] = None, num_prefix_tokens: int = -1,
-                 backend: Optional[str] = None, broadcast: str = 'softmax', device=None, dtype=None):
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer,
-                         shared_qkv=False, rep_grid=rep_grid, legacy_pool=legacy_pool, grid_size=grid_size,
-                         num_prefix_tokens=num_prefix_tokens, backend=backend, device=device, dtype=dtype)
-        if broadcast not in ('softmax', 'extraction'):
-            raise ValueError(f"broadcast must be 'softmax' or 'extraction', got {broadcast!r}.")
-        self.broadcast = broadcast
-        self.step_rep = nn.Parameter(torch.ones(num_heads, 1, 1, device=device, dtype=dtype))   # η
-        self.step_x = nn.Parameter(torch.ones(num_heads, 1, 1, device=device, dtype=dtype))     # κ
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
-                grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-        check_no_mask(attn_mask, is_causal)
-        q, k, v = self.project(x)
-        r0 = self.representatives(q, grid_size)                    # (B, H, m, d)
-        if self.broadcast == 'softmax' and self._use_sdpa(q):
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r0: torch.Tensor) -> torch.Tensor:
+        """q, k, v (B, H, N, d), r0 (B, H, m, d) -> (B, H, N, d)."""
+        if self.broadcast == 'softmax' and self.runs_sdpa():
             r = r0 + self.step_rep * F.scaled_dot_product_attention(r0, k, v, scale=self.scale)
             c = F.scaled_dot_product_attention(r, r, r, scale=self.scale)
-            y = F.scaled_dot_product_attention(q, r, c, scale=self.scale)
-        else:
-            attn = self.attn_drop(extraction(r0, k, self.scale))   # (B, H, m, N)
-            r = r0 + self.step_rep * (attn @ v)
-            c = attention_weights(r, r, self.scale) @ r               # contraction, eq. (8)
-            if self.broadcast == 'softmax':
-                y = agent_broadcast(q, r, self.scale) @ c
-            else:
-                y = attn.transpose(-2, -1) @ c
-        return self.output(self.step_x * y)
+            return self.step_x * F.scaled_dot_product_attention(q, r, c, scale=self.scale)
+        attn = self.attn_drop(extraction(r0, k, self.scale))       # A (B, H, m, N)
+        r = update(attn, v, r0, self.step_rep)                     # R0 + η·A v
+        c = contraction(r, self.scale)                             # softmax(R Rᵀ s) R, eq. (8)
+        return self.step_x * (self.broadcast_matrix(q, r, attn) @ c)
 
 
 # ATTN_LAYERS names registered by ``import timm_cbsa`` (besides 'cbsa')

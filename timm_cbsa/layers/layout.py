@@ -1,4 +1,5 @@
-"""Where CBSA layers learn the patch grid — per call, never from state left behind by another call.
+"""The base of CBSA and the family's pooled layers (``GridAwareAttention``: pooling configuration, backend, the
+representatives) and where such layers learn the patch grid — per call, never from state left behind by another call.
 
 A CBSA layer pools the patch tokens on their real (H_p, W_p) grid. timm's ``Block`` hands attention only ``x``
 (B, N, C), and with ``dynamic_img_size=True`` the grid changes from call to call (224×224 → 14×14, 160×320 → 10×20,
@@ -18,22 +19,54 @@ Binding models built by timm itself: ``timm.create_model('vit_small_patch16_224'
 without calling us, so ``import timm_cbsa`` installs one torch module-registration hook (the smallest hook that sees
 the model: it returns at once unless the assigned child is named ``blocks``, its owner has a ``patch_embed``, and the
 blocks hold grid-aware layers). It is installed lazily, when the first grid-aware layer is constructed.
-``bind_patch_grid(model)`` does the same explicitly and is idempotent.
+``bind_patch_grid(model)`` does the same explicitly and is idempotent. Binding refuses a representative grid larger
+than the model's patch grid, so such a model fails when it is built, not at its first forward.
+
+The representative grid and legacy pooling are fixed when a layer is built: by its arguments, by its registered
+name (``attn_layer='cbsa_r4'``: ``named.py``), or, for the layers of a model built inside ``pooling_defaults(...)``
+(our model entrypoints' ``rep_grid=`` / ``legacy_pool=``), by those defaults — so a model is built with the settings
+its pretrained weights were saved with before they are loaded (``settings.py`` checks them).
 """
+import contextlib
+import contextvars
 import threading
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..ops.contract_broadcast import check_request, strict
-from ..ops.contract_broadcast.pooling import PoolSpec, to_grid
-from ._fx import is_fx_tracing, register_notrace_function
+from ..ops.contract_broadcast.pooling import PoolSpec, pool_representatives, to_grid
+from ..ops.tracing import fx_leaf, is_fx_tracing
+from .base import ProjectedAttention
+from .config import resolve_backend
+from .named import REP_GRID_NAMES
 
 __all__ = ['GridAwareAttention', 'PatchGridHook', 'bind_patch_grid', 'find_grid_aware_layers', 'current_patch_grid',
-           'check_token_layout']
+           'check_token_layout', 'check_rep_grid_fits', 'pooling_defaults', 'DEFAULT_REP_GRID']
 
 _CALL = threading.local()   # .grid: (H_p, W_p) of the patch embedding that ran last in this thread
+DEFAULT_REP_GRID = 8        # m = 64, the paper's
+_DEFAULTS: contextvars.ContextVar = contextvars.ContextVar('cbsa_pooling_defaults', default={})
+
+
+@contextlib.contextmanager
+def pooling_defaults(rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+                     legacy_pool: Optional[bool] = None) -> Iterator[None]:
+    """Grid-aware layers built inside the block without an explicit ``rep_grid`` / ``legacy_pool`` take these (None:
+    unchanged). Like timm's ``set_layer_config``: construction time only; our model entrypoints use it."""
+    if legacy_pool is not None and not isinstance(legacy_pool, bool):
+        raise ValueError(f'legacy_pool must be True or False, got {legacy_pool!r}.')
+    defaults = dict(_DEFAULTS.get())
+    if rep_grid is not None:
+        defaults['rep_grid'] = to_grid(rep_grid)
+    if legacy_pool is not None:
+        defaults['legacy_pool'] = legacy_pool
+    token = _DEFAULTS.set(defaults)
+    try:
+        yield
+    finally:
+        _DEFAULTS.reset(token)
 
 
 def current_patch_grid() -> Optional[Tuple[int, int]]:
@@ -42,7 +75,7 @@ def current_patch_grid() -> Optional[Tuple[int, int]]:
 
 
 # input check: FX keeps it as a leaf call (it branches on sizes); torch.fx.wrap must be called in this module
-@register_notrace_function
+@fx_leaf
 def check_token_layout(
         num_tokens: int,
         grid_size: Tuple[int, int],
@@ -77,25 +110,36 @@ def check_token_layout(
 torch.fx.wrap('check_token_layout')
 
 
-class GridAwareAttention(nn.Module):
-    """Base class of attention layers that pool representatives on the patch grid (CBSA and its relatives).
+class GridAwareAttention(ProjectedAttention):
+    """The base of the layers with representatives pooled on the patch grid: CBSA and its family (CBSA*, agent).
 
     Token layout: N = prefix tokens + H_p*W_p patch tokens (raster order) + trailing tokens (e.g. the class
-    embeddings a segmentation decoder appends; never pooled).
+    embeddings a segmentation decoder appends; never pooled). Representatives are the queries (with one projection:
+    the projected tokens) average-pooled on the patch grid (``representatives``).
+
+    Args: timm's ``Attention`` arguments (``ProjectedAttention``), and, by keyword:
+        rep_grid: representative grid (int or (r_h, r_w)); m = r_h * r_w. None: the class's ``named_rep_grid`` (the
+            registered 'cbsa_r4'-style names), else ``pooling_defaults`` (our model entrypoints), else 8 → m = 64.
+        legacy_pool: pool like the released code (class token pooled, last patch dropped); for its checkpoints.
+            None: ``pooling_defaults``, else False.
+        grid_size: static patch grid (H_p, W_p); normally set by the owning model, which also gives each call's grid.
+        num_prefix_tokens: expected number of prefix tokens, or -1 to accept N - H_p*W_p - trailing.
+        num_trailing_tokens: tokens after the patch tokens that are not pooled.
+        backend: the requested implementation ('auto', 'eager', 'fused', 'sdpa', 'xformers', 'triton'); None: the
+            default of ``config.py``.
 
     Attributes (configuration, set at construction, by ``configure_cbsa`` or at binding; never changed by forward):
-        rep_grid: (r_h, r_w) representative grid, m = r_h * r_w.
-        legacy_pool: pool like the released code (every token but the last: class token in, last patch out).
-        grid_size: static (H_p, W_p), the fallback when the call's grid is unknown (FX, TorchScript, standalone).
-        num_prefix_tokens: expected prefix tokens, or -1 to accept N - H_p*W_p - trailing.
-        num_trailing_tokens: tokens after the patch tokens.
+        rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens: as above (``rep_grid`` a pair).
         follow_patch_embed: True once bound to a model: use the grid of the model's current patch-embedding call.
-        backend: the requested implementation ('auto' or a name; assigning it re-selects ``impl``).
+        backend: the requested implementation (assigning it re-selects ``impl``).
         impl: the implementation that runs, chosen by ``select_impl`` from static facts when ``backend`` is set and
             whenever the layer moves to another device (``.to()``, ``.cuda()``); ``impl_note``: why it differs from
             the request ('' when it does not).
     """
     __jit_unused_properties__ = ['backend']
+    SETTINGS = ('num_heads', 'rep_grid', 'legacy_pool')   # recorded in the state dict (settings.py)
+    attn_name = ''           # the ATTN_LAYERS name of the class (for messages and the 'NAME_rR' names)
+    named_rep_grid = None    # the grid a registered 'NAME_rR' subclass fixes (named.py)
     rep_grid: Tuple[int, int]
     legacy_pool: bool
     grid_size: Optional[Tuple[int, int]]
@@ -105,33 +149,51 @@ class GridAwareAttention(nn.Module):
 
     def __init__(
             self,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
+            dim: int,
+            num_heads: int = 8,
+            *,
+            rep_grid: Optional[Union[int, Tuple[int, int]]] = None,
+            legacy_pool: Optional[bool] = None,
             grid_size: Optional[Tuple[int, int]] = None,
             num_prefix_tokens: int = -1,
             num_trailing_tokens: int = 0,
+            backend: Optional[str] = None,
+            **kwargs,
     ):
-        super().__init__()
+        super().__init__(dim, num_heads, **kwargs)
         self.set_pooling(rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens)
         self.follow_patch_embed = False
+        self.backend = resolve_backend(backend)     # selects self.impl
         _install_registration_hook()
 
-    def set_pooling(
-            self,
-            rep_grid: Union[int, Tuple[int, int]] = 8,
-            legacy_pool: bool = False,
-            grid_size: Optional[Tuple[int, int]] = None,
-            num_prefix_tokens: int = -1,
-            num_trailing_tokens: int = 0,
-    ) -> None:
-        """Set (checked) the pooling configuration; see the class docstring."""
-        self.rep_grid = to_grid(rep_grid)
-        self.legacy_pool = bool(legacy_pool)
+    def set_pooling(self, rep_grid, legacy_pool, grid_size, num_prefix_tokens, num_trailing_tokens) -> None:
+        """Set (checked) the pooling configuration; see the constructor's arguments (None: the construction
+        default)."""
+        defaults: Dict[str, Any] = _DEFAULTS.get()
+        named = type(self).named_rep_grid
+        for source, given in (('rep_grid', rep_grid), ('the model\'s rep_grid', defaults.get('rep_grid'))):
+            if named is not None and given is not None and to_grid(given) != named:
+                raise ValueError(
+                    f"{type(self).__name__} (attn_layer='{self.attn_name}_r{named[0]}') has the representative grid "
+                    f'{named[0]}x{named[1]}, but {source}={given!r} was given: use one or the other.')
+        self.rep_grid = to_grid(next(g for g in (rep_grid, named, defaults.get('rep_grid'), DEFAULT_REP_GRID)
+                                     if g is not None))
+        self.legacy_pool = bool(legacy_pool if legacy_pool is not None else defaults.get('legacy_pool', False))
         self.grid_size = None if grid_size is None else to_grid(grid_size, 'grid_size')
         self.num_prefix_tokens = num_prefix_tokens
         if not isinstance(num_trailing_tokens, int) or num_trailing_tokens < 0:
             raise ValueError(f'num_trailing_tokens must be an int >= 0, got {num_trailing_tokens!r}.')
         self.num_trailing_tokens = num_trailing_tokens
+
+    def extra_repr(self) -> str:
+        note = f' ({self.impl_note})' if self.impl_note else ''
+        return (f'num_heads={self.num_heads}, shared_qkv={self.shared_qkv}, rep_grid={self.rep_grid}, '
+                f'legacy_pool={self.legacy_pool}, grid_size={self.grid_size}, backend={self.backend!r}, '
+                f'impl={self.impl!r}{note}')
+
+    def representatives(self, q: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """(B, H, N, d) queries (projected tokens) -> (B, H, m, d) pooled initial representatives Q_ini."""
+        return pool_representatives(q, self.pool_spec(q.shape[2], grid_size))
 
     @property
     def num_representatives(self) -> int:
@@ -150,6 +212,13 @@ class GridAwareAttention(nn.Module):
         """Layers without the operator (the family's pooled layers) run torch SDPA unless 'eager' is asked for."""
         self.impl = 'eager' if self._backend == 'eager' else 'sdpa'
         self.impl_note = ''
+
+    def runs_sdpa(self) -> bool:
+        """The family's pooled layers: any backend but 'eager' runs torch SDPA (not while attention dropout
+        trains, not under TorchScript)."""
+        if torch.jit.is_scripting():
+            return False
+        return self.impl != 'eager' and not (self.training and self.attn_drop.p > 0)
 
     def check_strict(self) -> None:
         """With TIMM_CBSA_STRICT_BACKEND=1, running another implementation than the requested one is an error."""
@@ -233,17 +302,37 @@ def _is_scriptable() -> bool:
         return False
 
 
+def check_rep_grid_fits(patch_embed: nn.Module, layer: GridAwareAttention,
+                        rep_grid: Optional[Tuple[int, int]] = None) -> None:
+    """Raise a ValueError when ``rep_grid`` (default: the layer's) is larger than the patch grid of ``patch_embed``,
+    naming both grids, the image and patch sizes, and the representative grids that fit."""
+    gh, gw = (int(g) for g in patch_embed.grid_size)
+    rh, rw = rep_grid if rep_grid is not None else layer.rep_grid
+    if gh >= rh and gw >= rw:
+        return
+    r = min(gh, gw, REP_GRID_NAMES[-1])
+    names = f"attn_layer='{layer.attn_name}_r{r}' for timm's ViTs, " if layer.attn_name else ''
+    raise ValueError(
+        f'The patch grid {gh}x{gw} (img_size {tuple(patch_embed.img_size)}, patch_size '
+        f'{tuple(patch_embed.patch_size)}) is smaller than the representative grid {rh}x{rw} of '
+        f'{type(layer).__name__}: use a representative grid of at most {gh}x{gw} ({names}rep_grid={r} for '
+        f"timm_cbsa's models and configure_cbsa), a larger img_size or a smaller patch_size.")
+
+
 def bind_patch_grid(model: nn.Module, layers: Optional[List[nn.Module]] = None,
                     set_prefix: bool = True) -> List[nn.Module]:
     """Connect ``model.patch_embed`` to the grid-aware layers of ``model`` (or ``layers``): sets their static grid,
     prefix count (``model.num_prefix_tokens``, unless ``set_prefix=False``) and ``follow_patch_embed``, and registers
-    a ``PatchGridHook`` (not when building scriptable models). Idempotent. Returns the layers bound."""
+    a ``PatchGridHook`` (not when building scriptable models). Idempotent. Returns the layers bound. Raises a
+    ValueError (``check_rep_grid_fits``) before changing anything when a layer's representative grid does not fit."""
     patch_embed = getattr(model, 'patch_embed', None)
     if patch_embed is None or getattr(patch_embed, 'grid_size', None) is None:
         raise ValueError(
             f'{type(model).__name__} has no patch_embed with a grid_size; CBSA layers need the patch grid. '
             'Pass grid_size= to the layer yourself.')
     layers = find_grid_aware_layers(model) if layers is None else list(layers)
+    for layer in layers:
+        check_rep_grid_fits(patch_embed, layer)
     grid = tuple(int(g) for g in patch_embed.grid_size)
     prefix = getattr(model, 'num_prefix_tokens', None) if set_prefix else None
     hooked = any(isinstance(h, PatchGridHook) for h in patch_embed._forward_hooks.values())

@@ -1,37 +1,68 @@
-"""Shared by the model files: CBSA-specific model kwargs, applied after timm builds the model, and the CBSA
-configuration a saved model records (``cbsa_config`` / ``check_cbsa_config``)."""
+"""Shared by the model files: the size table and entrypoint registration, building with the CBSA-specific model
+kwargs (``build_cbsa_model``), changing them later (``configure_cbsa``), and the model-level CBSA configuration
+(``cbsa_config`` / ``check_cbsa_config``).
+
+The settings that change what the weights compute (rep_grid, legacy_pool) are fixed while the layers are built
+(``pooling_defaults``), so pretrained weights load into a model that already has them — and every layer checks them
+against the record saved with its weights (``layers/settings.py``)."""
 import logging
-from typing import Any, Dict, Optional, Tuple, Union
+import sys
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from torch import nn
+from timm.models import build_model_with_cfg, register_model
 
 from ..layers.config import resolve_backend
-from ..layers.layout import bind_patch_grid, find_grid_aware_layers
+from ..layers.layout import (
+    GridAwareAttention, bind_patch_grid, check_rep_grid_fits, find_grid_aware_layers, pooling_defaults,
+)
+from ..layers.named import grid_layer_name
+from ..layers.settings import CBSAConfigMismatchError, describe_differences
 from ..ops.contract_broadcast.pooling import to_grid
 
-__all__ = ['CBSA_MODEL_KWARGS', 'pop_cbsa_kwargs', 'configure_cbsa', 'finish_cbsa_model', 'cbsa_config', 'check_cbsa_config',
-           'CBSAConfigMismatchError']
+__all__ = ['CBSA_MODEL_KWARGS', 'VIT_SIZES', 'pop_cbsa_kwargs', 'build_cbsa_model', 'configure_cbsa', 'cbsa_config',
+           'check_cbsa_config', 'register_entrypoints', 'CBSAConfigMismatchError']
 
 _logger = logging.getLogger(__name__)
 
-# kwargs every CBSA model entrypoint accepts on top of the VisionTransformer ones; they carry no parameters, so they
-# are applied after the model is built
+# ViT-T/S/B/L: width, depth, heads. The paper's CBT-T/S/B/L (Table 3) have the same; cbsa_vit_* are these ViTs.
+VIT_SIZES = {
+    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
+    'small': dict(embed_dim=384, depth=12, num_heads=6),
+    'base': dict(embed_dim=768, depth=12, num_heads=12),
+    'large': dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# kwargs every CBSA model entrypoint accepts on top of the VisionTransformer ones; they carry no parameters
 CBSA_MODEL_KWARGS = ('rep_grid', 'legacy_pool', 'backend')
-# the ones that change what the weights compute: recorded in model._model_args (saved by save_for_hf) and checkpoints
-CONFIG_KEYS = ('rep_grid', 'legacy_pool')
 
 
-class CBSAConfigMismatchError(ValueError):
-    """Saved weights were trained with another CBSA configuration (rep_grid / legacy_pool) than the model has."""
+def _entrypoint(module: str, name: str, create: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        return create(name, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__, entrypoint.__doc__ = module, doc
+    return entrypoint
+
+
+def register_entrypoints(module: str, create: Callable[..., nn.Module], docs: Dict[str, str]) -> None:
+    """Register one timm entrypoint per name of ``docs`` (its docstring): ``name(pretrained=False, **kwargs)`` returns
+    ``create(name, pretrained, **kwargs)``. It belongs to ``module`` (whose ``default_cfgs`` hold the pretrained cfgs,
+    and where it becomes an attribute), as if defined there with ``@register_model``."""
+    for name, doc in docs.items():
+        setattr(sys.modules[module], name, register_model(_entrypoint(module, name, create, doc)))
 
 
 def pop_cbsa_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: kwargs.pop(k) for k in CBSA_MODEL_KWARGS if k in kwargs}
 
 
-def finish_cbsa_model(model: nn.Module, cbsa_kwargs: Dict[str, Any]) -> nn.Module:
-    """End of our entrypoints: apply the CBSA kwargs (``configure_cbsa``) and refuse a CBSA configuration that differs
-    from the one recorded with the weights being loaded (timm's ``pretrained_model_args``, from a saved config)."""
+def build_cbsa_model(cbsa_kwargs: Dict[str, Any], *args, **kwargs) -> nn.Module:
+    """``build_model_with_cfg(*args, **kwargs)`` with the layers built with ``cbsa_kwargs``' rep_grid / legacy_pool
+    (before any pretrained weights load), then bound and given their backend (``configure_cbsa``). A CBSA
+    configuration that differs from the one a saved config records (timm's ``pretrained_model_args``) is refused."""
+    with pooling_defaults(cbsa_kwargs.get('rep_grid'), cbsa_kwargs.get('legacy_pool')):
+        model = build_model_with_cfg(*args, **kwargs)
     configure_cbsa(model, **cbsa_kwargs)
     check_cbsa_config(model, getattr(model, 'pretrained_model_args', None))
     return model
@@ -67,26 +98,44 @@ def configure_cbsa(
             raise ValueError(
                 f'legacy_pool reproduces the released CBSA code, which assumes exactly one class token; this '
                 f'model has {owner.num_prefix_tokens} prefix tokens.')
-        gh, gw = (int(g) for g in owner.patch_embed.grid_size)
         for layer in layers:
-            rh, rw = rg if rg is not None else layer.rep_grid
-            if gh < rh or gw < rw:
-                raise ValueError(
-                    f'The patch grid {gh}x{gw} (img_size {tuple(owner.patch_embed.img_size)}, patch_size '
-                    f'{tuple(owner.patch_embed.patch_size)}) is smaller than the representative grid {rh}x{rw}; '
-                    f'use a larger img_size, a smaller patch_size or a smaller rep_grid.')
+            check_rep_grid_fits(owner.patch_embed, layer, rg)
         plan.append((owner, layers))
     for owner, layers in plan:   # everything checked: now change the model
-        bind_patch_grid(owner, layers)
         for layer in layers:
             if rg is not None:
                 layer.rep_grid = rg
             if legacy_pool is not None:
                 layer.legacy_pool = legacy_pool
             layer.backend = layer.backend if backend is None else backend   # (re)selects the implementation for m
-    if plan and _is_ours(model):
-        model._model_args = dict(getattr(model, '_model_args', {}) or {}, **cbsa_config(model))
+        bind_patch_grid(owner, layers)
+    if plan:
+        _record_model_args(model)
     return model
+
+
+def _record_model_args(model: nn.Module) -> None:
+    """Keep what ``save_for_hf`` writes to config.json in step with the layers: rep_grid / legacy_pool for our
+    models; for a ViT built with ``attn_layer='NAME'``, the registered name of the new grid ('NAME_rR')."""
+    args = dict(getattr(model, '_model_args', {}) or {})
+    if _is_ours(model):
+        args.update(cbsa_config(model))
+    elif _names_grid_aware_layer(args.get('attn_layer')) and cbsa_config(model):
+        grid = tuple(cbsa_config(model)['rep_grid'])
+        name = grid_layer_name(args['attn_layer'], grid)
+        if name is None:
+            _logger.warning("rep_grid %s has no attn_layer name ('%s_rR' are square, R <= 16): config.json written "
+                            'by save_for_hf will not rebuild it, and loading those weights into a model built from '
+                            'it is refused.', grid, args['attn_layer'])
+        else:
+            args['attn_layer'] = name
+    model._model_args = args
+
+
+def _names_grid_aware_layer(name: Any) -> bool:
+    from timm.models.vision_transformer import ATTN_LAYERS
+    return isinstance(name, str) and isinstance(ATTN_LAYERS.get(name), type) and issubclass(
+        ATTN_LAYERS[name], GridAwareAttention)
 
 
 def _is_ours(model: nn.Module) -> bool:
@@ -118,14 +167,9 @@ def check_cbsa_config(model: nn.Module, saved: Optional[Dict[str, Any]], strict:
     ``CBSAConfigMismatchError`` naming both values (a warning when ``strict=False``); missing keys are not checked."""
     if not saved:
         return
-    current = cbsa_config(model)
-    diffs = []
-    for key in CONFIG_KEYS:
-        if key not in saved or saved[key] is None or key not in current:
-            continue
-        want = list(to_grid(saved[key])) if key == 'rep_grid' else bool(saved[key])
-        if want != current[key]:
-            diffs.append(f'{key}: saved {want}, model {current[key]}')
+    saved = {k: list(to_grid(v)) if k == 'rep_grid' else bool(v) for k, v in saved.items()
+             if k in ('rep_grid', 'legacy_pool') and v is not None}
+    diffs = describe_differences(saved, cbsa_config(model))
     if diffs:
         msg = ('The weights were saved with another CBSA configuration than this model has (' + '; '.join(diffs)
                + '): the same weights would compute different outputs. Build the model with the saved values, '

@@ -1,22 +1,16 @@
 """cbsa_vit_*: timm's VisionTransformer configured with CBSA attention (``attn_layer='cbsa'``) — not a fork.
 
 Widths / depths / heads are those of ViT-T/S/B/L; the MLP, norms, class token and position embedding are timm's.
-Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``.
+Extra kwargs: ``rep_grid`` (representative grid, default 8 → m = 64), ``legacy_pool``, ``backend``; the layers are
+built with them, before pretrained weights load (their settings records are checked then).
 """
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ._helpers import finish_cbsa_model, pop_cbsa_kwargs
+from ._helpers import VIT_SIZES, build_cbsa_model, pop_cbsa_kwargs, register_entrypoints
 
 __all__ = []
-
-_ARCHS = {
-    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'base': dict(embed_dim=768, depth=12, num_heads=12),
-    'large': dict(embed_dim=1024, depth=24, num_heads=16),
-}
 
 
 def _cfg(**kwargs):
@@ -32,16 +26,17 @@ def _cfg(**kwargs):
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'cbsa_vit_{size}_patch16_224': _cfg() for size in _ARCHS},
-    **{f'cbsa_vit_{size}': _cfg() for size in _ARCHS},
+    **{f'cbsa_vit_{size}_patch16_224': _cfg() for size in VIT_SIZES},
+    **{f'cbsa_vit_{size}': _cfg() for size in VIT_SIZES},
 })
 
 
-def _create_cbsa_vit(variant: str, size: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+def _create_cbsa_vit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
     cbsa_kwargs = pop_cbsa_kwargs(kwargs)
     out_indices = kwargs.pop('out_indices', 3)
-    model_args = dict(patch_size=16, attn_layer='cbsa', qkv_bias=False, **_ARCHS[size])
-    model = build_model_with_cfg(
+    model_args = dict(patch_size=16, attn_layer='cbsa', qkv_bias=False, **VIT_SIZES[variant.split('_')[2]])
+    return build_cbsa_model(
+        cbsa_kwargs,
         VisionTransformer,
         variant,
         pretrained,
@@ -50,52 +45,10 @@ def _create_cbsa_vit(variant: str, size: str, pretrained: bool = False, **kwargs
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return finish_cbsa_model(model, cbsa_kwargs)
 
 
-@register_model
-def cbsa_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Tiny/16 with CBSA attention (d=192, 12 layers, 3 heads)."""
-    return _create_cbsa_vit('cbsa_vit_tiny_patch16_224', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Small/16 with CBSA attention (d=384, 12 layers, 6 heads)."""
-    return _create_cbsa_vit('cbsa_vit_small_patch16_224', 'small', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Base/16 with CBSA attention (d=768, 12 layers, 12 heads)."""
-    return _create_cbsa_vit('cbsa_vit_base_patch16_224', 'base', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """ViT-Large/16 with CBSA attention (d=1024, 24 layers, 16 heads)."""
-    return _create_cbsa_vit('cbsa_vit_large_patch16_224', 'large', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_tiny_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_tiny', 'tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_small_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_small', 'small', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_base_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_base', 'base', pretrained, **kwargs)
-
-
-@register_model
-def cbsa_vit_large(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """Short name of cbsa_vit_large_patch16_224."""
-    return _create_cbsa_vit('cbsa_vit_large', 'large', pretrained, **kwargs)
+# cbsa_vit_{tiny,small,base,large}_patch16_224 and their short names cbsa_vit_{tiny,small,base,large}
+register_entrypoints(__name__, _create_cbsa_vit, {
+    name: f"ViT-{size[0].upper()}/16 with CBSA attention (d={a['embed_dim']}, {a['depth']} layers, {a['num_heads']} heads)."
+    for size, a in VIT_SIZES.items() for name in (f'cbsa_vit_{size}_patch16_224', f'cbsa_vit_{size}')
+})

@@ -7,11 +7,22 @@ embedding and a LayerNorm + Linear head on the class token. Parameter counts at 
 CBT-S 6,667,048, CBT-B 25,691,752, CBT-L 83,051,368.
 
 The released checkpoints (``cbt_*_best.pth.tar``) load through timm's pretrained path
-(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``. A checkpoint in the
-released key layout switches ``legacy_pool`` on (the released pooling, reproduced exactly); weights saved by timm
-(our key names) load as they are, so pass ``legacy_pool=True`` yourself when re-saving fine-tuned released weights.
+(``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``) or ``load_official_cbt(PATH)``. They were trained with
+the released pooling (class token pooled, last patch dropped: ``legacy_pool``) on an 8x8 representative grid. How
+they get it, with a filter that only maps the state dict:
+
+* ``cbt_checkpoint_filter_fn`` maps the released key names onto ours and adds each CBSA layer's settings record
+  (num_heads, rep_grid 8x8, legacy_pool=True; ``layers/settings.py``), so a model built otherwise refuses them with
+  an error naming the setting;
+* ``create_model('cbt_*', pretrained=True, ...)`` builds with ``legacy_pool=True`` when the pretrained file (or
+  state dict) is in the released key layout and ``legacy_pool`` is not given (one look at its keys);
+* ``load_official_cbt`` builds so too (``legacy_pool=False`` switches to the corrected pooling after loading).
+
+Weights saved by timm from such a model (our key names) carry their records and load into a model built with
+``legacy_pool=True`` only.
 """
 import math
+import os
 import re
 from functools import partial
 from typing import Any, Dict, Optional, Tuple, Union
@@ -19,16 +30,20 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 
+from ..checkpoint import (
+    CheckpointMismatchError, check_keys, checkpoint_keys, is_released_layout, read_state_dict, unwrap_state_dict,
+)
 from ..layers.cbsa import CBSA
 from ..layers.ista import ISTA
-from ._checkpoint import read_state_dict
-from ._helpers import configure_cbsa, finish_cbsa_model, pop_cbsa_kwargs
+from ..layers.settings import SETTINGS_KEY
+from ._helpers import VIT_SIZES, build_cbsa_model, configure_cbsa, pop_cbsa_kwargs, register_entrypoints
 
-__all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError']
+__all__ = ['ConvStemPatchEmbed', 'CBTBlock', 'cbt_checkpoint_filter_fn', 'load_official_cbt', 'CheckpointMismatchError',
+           'RELEASED_SETTINGS']
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -77,36 +92,19 @@ class ConvStemPatchEmbed(PatchEmbed):
 
 
 class CBTBlock(nn.Module):
-    """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Accepts timm's block_fn keyword arguments."""
+    """CBT layer: ``z = x + CBSA(LN(x)); return ISTA(LN(z))``. Takes timm's ``block_fn`` keyword arguments: the
+    attention ones (qkv_bias, qk_norm, proj_bias, attn_drop, proj_drop) go to ``CBSA``, those of the MLP and layer
+    scale that CBT does not have (``IGNORED_BLOCK_ARGS``) are dropped; anything else is an error."""
+    IGNORED_BLOCK_ARGS = ('mlp_ratio', 'scale_mlp_norm', 'init_values', 'act_layer', 'mlp_layer', 'attn_layer', 'depth')
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_attn_norm: bool = False,
-            scale_mlp_norm: bool = False,
-            proj_bias: bool = True,
-            init_values: Optional[float] = None,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            norm_layer=nn.LayerNorm,
-            act_layer=None,
-            mlp_layer=None,
-            attn_layer=None,
-            depth: int = 0,
-            device=None,
-            dtype=None,
-    ):
+    def __init__(self, dim: int, num_heads: int, scale_attn_norm: bool = False, drop_path: float = 0.,
+                 norm_layer=nn.LayerNorm, device=None, dtype=None, **kwargs):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        attn_kwargs = {k: v for k, v in kwargs.items() if k not in self.IGNORED_BLOCK_ARGS}
         self.norm1 = norm_layer(dim, **dd)
-        self.attn = CBSA(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
-            proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop, norm_layer=norm_layer, **dd)
+        self.attn = CBSA(dim, num_heads=num_heads, scale_norm=scale_attn_norm, norm_layer=norm_layer, **attn_kwargs,
+                         **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.ista = ISTA(dim, **dd)
@@ -120,13 +118,6 @@ class CBTBlock(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         return self.ista(self.norm2(x))
 
-
-_SIZES = {
-    'tiny': dict(embed_dim=192, depth=12, num_heads=3),
-    'small': dict(embed_dim=384, depth=12, num_heads=6),
-    'base': dict(embed_dim=768, depth=12, num_heads=12),
-    'large': dict(embed_dim=1024, depth=24, num_heads=16),
-}
 
 # released checkpoint key -> ours (the released model: to_patch_embedding / pos_embedding / cls_token /
 # transformer.layers.i.{0: PreNorm(CBSA), 1: PreNorm(ISTA)} / mlp_head.{0: LayerNorm, 1: Linear})
@@ -145,58 +136,38 @@ _OFFICIAL_KEY_RULES = [
 ]
 
 
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped keys."""
+# what the released code computes with its weights (m = 64 hard-coded; pools w[:, :-1]: see layers/layout.py)
+RELEASED_SETTINGS = dict(rep_grid=(8, 8), legacy_pool=True)
 
 
-def _unwrap(checkpoint: Any) -> Dict[str, torch.Tensor]:
-    if isinstance(checkpoint, dict):
-        for key in ('state_dict', 'model', 'model_state_dict', 'module'):
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                return _unwrap(checkpoint[key])
-        return checkpoint
-    raise CheckpointMismatchError(f'Expected a state dict (or a dict holding one), got {type(checkpoint).__name__}.')
-
-
-def _check_against(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> None:
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
-    mismatched = sorted(
-        f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
-        for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        lines = ['Checkpoint does not match the model:']
-        for name, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', mismatched)):
-            if items:
-                shown = ', '.join(items[:12]) + (f', ... ({len(items)} in all)' if len(items) > 12 else '')
-                lines.append(f'  {name}: {shown}')
-        raise CheckpointMismatchError('\n'.join(lines))
-
-
-def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
-    """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``.
-
-    A checkpoint in the released key layout also switches the model's CBSA layers to ``legacy_pool=True``. Resamples the position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming
-    missing / unexpected / mis-shaped keys.
-    """
-    state_dict = _unwrap(checkpoint)
+def _map_released(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Released key names -> ours, plus each CBSA layer's settings record (RELEASED_SETTINGS, its head count)."""
     out = {}
-    released_layout = False
     for k, v in state_dict.items():
-        if k.startswith('module.'):
-            k = k[len('module.'):]
-        released_layout |= k.startswith('transformer.layers.')
         for pattern, repl in _OFFICIAL_KEY_RULES:
             new_k, n = re.subn(pattern, repl, k)
             if n:
                 k = new_k
                 break
         out[k] = v
-    if released_layout:
-        # weights trained by the released code only make sense with its pooling (class token pooled, last patch
-        # dropped), so a checkpoint in the released key layout switches legacy pooling on
-        configure_cbsa(model, legacy_pool=True)
+    for k, v in list(out.items()):
+        layer = re.fullmatch(r'(blocks\.\d+\.attn\.)step_rep', k)      # step_rep: (heads, 1, 1)
+        if layer:
+            out[layer.group(1) + SETTINGS_KEY] = CBSA.settings_record(num_heads=v.shape[0], **RELEASED_SETTINGS)
+    return out
+
+
+def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Map a released CBT checkpoint (DDP ``module.`` keys, released names) or one of ours onto ``model``'s keys.
+
+    A pure function of the checkpoint (``model`` is only read): the released layout gets our key names and the
+    settings records of the released code (``RELEASED_SETTINGS``), which the model's layers then check. Resamples the
+    position embedding when the model's grid differs; raises ``CheckpointMismatchError`` naming missing / unexpected /
+    mis-shaped keys.
+    """
+    out = unwrap_state_dict(checkpoint)
+    if is_released_layout(out):
+        out = _map_released(out)
     pos = out.get('pos_embed')
     if pos is not None and pos.shape != model.pos_embed.shape and pos.ndim == 3:
         old_n = pos.shape[1] - model.num_prefix_tokens
@@ -205,7 +176,7 @@ def cbt_checkpoint_filter_fn(checkpoint: Any, model: VisionTransformer) -> Dict[
             out['pos_embed'] = resample_abs_pos_embed(
                 pos, new_size=model.patch_embed.grid_size, old_size=(old_side, old_side),
                 num_prefix_tokens=model.num_prefix_tokens, verbose=True)
-    _check_against(out, model)
+    check_keys(out, model)
     return out
 
 
@@ -225,8 +196,15 @@ def _cfg(**kwargs):
 # the file: create_model('cbt_small', pretrained=True, pretrained_cfg_overlay=dict(file='cbt_small_best.pth.tar'))
 default_cfgs = generate_default_cfgs({
     f'cbt_{size}.official_in1k': _cfg(crop_pct=224 / 256, notes=('released checkpoint; needs legacy_pool',))
-    for size in _SIZES
+    for size in VIT_SIZES
 })
+
+
+def _pretrained_is_released(cfg) -> bool:
+    """Whether the weights ``cfg`` points at (a file or a state dict) are in the released key layout."""
+    if cfg.state_dict:
+        return is_released_layout(unwrap_state_dict(cfg.state_dict))
+    return bool(cfg.file) and os.path.isfile(cfg.file) and is_released_layout(checkpoint_keys(cfg.file))
 
 
 def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
@@ -238,12 +216,15 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
                 f'{variant}: the released CBT weights cannot be downloaded by timm. Download cbt_*_best.pth.tar from '
                 f'the authors and pass it: timm.create_model("{variant}", pretrained=True, '
                 f'pretrained_cfg_overlay=dict(file=PATH)) or timm_cbsa.load_official_cbt(PATH).')
+        if 'legacy_pool' not in cbsa_kwargs and _pretrained_is_released(cfg):
+            cbsa_kwargs['legacy_pool'] = True    # the released weights' pooling (module docstring)
     out_indices = kwargs.pop('out_indices', 3)
     size = variant.split('_')[1]
     model_args = dict(
         patch_size=16, embed_layer=ConvStemPatchEmbed, block_fn=CBTBlock, qkv_bias=False,
-        norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **_SIZES[size])
-    model = build_model_with_cfg(
+        norm_layer=partial(nn.LayerNorm, eps=1e-5), class_token=True, global_pool='token', **VIT_SIZES[size])
+    return build_cbsa_model(
+        cbsa_kwargs,
         VisionTransformer,
         variant,
         pretrained,
@@ -251,31 +232,15 @@ def _create_cbt(variant: str, pretrained: bool = False, **kwargs) -> VisionTrans
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return finish_cbsa_model(model, cbsa_kwargs)
 
 
-@register_model
-def cbt_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-T: d=192, 12 layers, 3 heads, m=64 (1.8M params, 63.2% IN-1k in the paper)."""
-    return _create_cbt('cbt_tiny', pretrained, **kwargs)
-
-
-@register_model
-def cbt_small(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-S: d=384, 12 layers, 6 heads, m=64 (6.7M params, 71.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_small', pretrained, **kwargs)
-
-
-@register_model
-def cbt_base(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-B: d=768, 12 layers, 12 heads, m=64 (25.7M params, 73.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_base', pretrained, **kwargs)
-
-
-@register_model
-def cbt_large(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CBT-L: d=1024, 24 layers, 16 heads, m=64 (83.1M params, 74.4% IN-1k in the paper)."""
-    return _create_cbt('cbt_large', pretrained, **kwargs)
+# the paper's CBT-T/S/B/L (Table 3): params (M) at 1000 classes and ImageNet-1k top-1 (%) as the paper reports them
+register_entrypoints(__name__, _create_cbt, {
+    f'cbt_{size}': f"CBT-{size[0].upper()}: d={VIT_SIZES[size]['embed_dim']}, {VIT_SIZES[size]['depth']} layers, "
+                   f"{VIT_SIZES[size]['num_heads']} heads, m=64 ({params}M params, {top1}% IN-1k in the paper)."
+    for size, (params, top1) in {'tiny': (1.8, 63.2), 'small': (6.7, 71.4), 'base': (25.7, 73.4),
+                                 'large': (83.1, 74.4)}.items()
+})
 
 
 def load_official_cbt(
@@ -284,8 +249,12 @@ def load_official_cbt(
         num_classes: Optional[int] = None,
         **kwargs,
 ) -> VisionTransformer:
-    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict), with legacy pooling on
-    (unless ``legacy_pool=False`` is passed).
+    """Build a CBT and load a released ``cbt_*_best.pth.tar`` (path or loaded dict).
+
+    The model is built with the pooling the checkpoint was trained with: ``legacy_pool=True`` for the released key
+    layout (the filter adds the released settings records, which the layers check), as recorded otherwise. An explicit
+    ``legacy_pool`` is applied after loading: ``legacy_pool=False`` evaluates the released weights with the
+    corrected pooling (a different function of the same weights).
 
     A path is read with ``weights_only=True`` (``read_state_dict``): a file that needs any type beyond tensors and
     plain containers is refused with ``UnsafeCheckpointError``; a missing, empty or corrupt file raises
@@ -294,12 +263,13 @@ def load_official_cbt(
     ``variant`` (cbt_tiny/small/base/large) is inferred from the checkpoint's width and depth when omitted.
     """
     if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, '__fspath__'):
-        checkpoint = read_state_dict(checkpoint)      # weights only: a checkpoint cannot run code (see _checkpoint.py)
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in _unwrap(checkpoint).items()}
+        state_dict = read_state_dict(checkpoint)      # weights only: a checkpoint cannot run code (checkpoint.py)
+    else:
+        state_dict = unwrap_state_dict(checkpoint)
     if variant is None:
         width = state_dict['cls_token'].shape[-1] if 'cls_token' in state_dict else None
         depth = len({k.split('.')[2] for k in state_dict if k.startswith('transformer.layers.')})
-        matches = [s for s, a in _SIZES.items() if a['embed_dim'] == width and a['depth'] == depth]
+        matches = [s for s, a in VIT_SIZES.items() if a['embed_dim'] == width and a['depth'] == depth]
         if not matches:
             raise CheckpointMismatchError(
                 f'Cannot tell the CBT variant of this checkpoint (width {width}, depth {depth}); pass variant=.')
@@ -309,8 +279,8 @@ def load_official_cbt(
         num_classes = head_w.shape[0] if head_w is not None else 1000
     legacy_pool = kwargs.pop('legacy_pool', None)
     from timm import create_model
-    model = create_model(variant, num_classes=num_classes, **kwargs)
-    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)  # switches legacy pooling on
-    if legacy_pool is not None:  # an explicit choice wins
+    model = create_model(variant, num_classes=num_classes, legacy_pool=is_released_layout(state_dict), **kwargs)
+    model.load_state_dict(cbt_checkpoint_filter_fn(state_dict, model), strict=True)
+    if legacy_pool is not None:  # an explicit choice, after loading
         configure_cbsa(model, legacy_pool=legacy_pool)
     return model

@@ -15,11 +15,11 @@ import os
 from functools import partial
 
 from torch import nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..data.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from ._helpers import finish_cbsa_model, pop_cbsa_kwargs
+from ._helpers import build_cbsa_model, pop_cbsa_kwargs
 from .cbt import CBTBlock, ConvStemPatchEmbed
 
 __all__ = ['FMNIST_WEIGHTS', 'WEIGHTS_DIR']
@@ -83,11 +83,11 @@ def cbt_nano_patch8_32(pretrained: bool = False, **kwargs) -> VisionTransformer:
     model_args = dict(
         embed_layer=ConvStemPatchEmbed, block_fn=CBTBlock, qkv_bias=False, norm_layer=partial(nn.LayerNorm, eps=1e-5),
         class_token=True, global_pool='token', **_ARCH)
-    model = build_model_with_cfg(
+    return build_cbsa_model(
+        cbsa_kwargs,
         VisionTransformer,
         'cbt_nano_patch8_32',
         pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **dict(model_args, **kwargs),
     )
-    return finish_cbsa_model(model, cbsa_kwargs)

@@ -18,7 +18,8 @@ import torch
 from ..tracing import fx_leaf
 from .pooling import PoolSpec, pool_representatives
 
-__all__ = ['similarity', 'attention_weights', 'extraction', 'update_contract_broadcast', 'naive_contract_and_broadcast']
+__all__ = ['similarity', 'attention_weights', 'extraction', 'update', 'contraction', 'broadcast',
+           'update_contract_broadcast', 'naive_contract_and_broadcast']
 
 
 @fx_leaf
@@ -49,12 +50,25 @@ def extraction(r: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
     return similarity(r, w, scale).softmax(dim=-1).to(w.dtype)
 
 
+def update(attn: torch.Tensor, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Tensor) -> torch.Tensor:
+    """Q = Q_ini + η·A W: (B, H, m, d)."""
+    return r + step_rep * (attn @ w)
+
+
+def contraction(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """C = softmax_m(s·Q Qᵀ) Q: (B, H, m, d), self-attention among the representatives."""
+    return attention_weights(q, q, scale) @ q
+
+
+def broadcast(attn: torch.Tensor, c: torch.Tensor, step_x: torch.Tensor) -> torch.Tensor:
+    """κ·Aᵀ C: (B, H, N, d), back to every token through the extraction matrix (no renormalisation)."""
+    return step_x * (attn.transpose(-2, -1) @ c)
+
+
 def update_contract_broadcast(attn: torch.Tensor, w: torch.Tensor, r: torch.Tensor, step_rep: torch.Tensor,
                               step_x: torch.Tensor, scale: float) -> torch.Tensor:
     """Given the extraction A (B, H, m, N): the update, the contraction and the broadcast -> (B, H, N, d)."""
-    q = r + step_rep * (attn @ w)                                          # Q = Q_ini + η·A W          (B, H, m, d)
-    c = attention_weights(q, q, scale) @ q                                 # contraction C = softmax(s·Q Qᵀ) Q
-    return step_x * (attn.transpose(-2, -1) @ c)                           # broadcast κ·Aᵀ C            (B, H, N, d)
+    return broadcast(attn, contraction(update(attn, w, r, step_rep), scale), step_x)
 
 
 def naive_contract_and_broadcast(

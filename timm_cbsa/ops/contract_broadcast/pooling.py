@@ -90,7 +90,7 @@ def pool_representatives(w: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
     """Average-pool projected tokens to the initial representatives.
 
     Args:
-        w: (…, N, d) projected tokens (usually (B, H, N, d)).
+        w: (B, H, N, d) projected tokens.
         spec: which tokens, on which grid, onto which representative grid.
     Returns:
         (…, m, d) initial representatives Q_ini, m = r_h·r_w, raster order over the representative grid.
@@ -105,13 +105,11 @@ def pool_representatives(w: torch.Tensor, spec: PoolSpec) -> torch.Tensor:
         return torch.matmul(pw, rows).flatten(-3, -2)                      # (…, m, d)
     # overlapping windows: adaptive pooling with the token dims as channels, channels-last: when w is the usual
     # head-split view of a (B, N, H*d) projection, (B, H_p, W_p, H, d) -> NCHW is a view (no copy kept by autograd)
-    if t.dim() == 5:
-        B, H, d = t.shape[0], t.shape[1], t.shape[-1]
-        x = t.permute(0, 2, 3, 1, 4).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
-        reps = F.adaptive_avg_pool2d(x, (rh, rw))                          # (B, H*d, r_h, r_w)
-        return reps.reshape(B, H, d, rh * rw).transpose(-2, -1)            # (B, H, m, d)
-    x = t.movedim(-1, -3)                                                  # (…, d, H_p, W_p)
-    return F.adaptive_avg_pool2d(x, (rh, rw)).flatten(-2).transpose(-2, -1)
+    # (no branching on the rank: FX traces this function, so w is taken as (B, H, N, d))
+    B, H, d = t.shape[0], t.shape[1], t.shape[-1]
+    x = t.permute(0, 2, 3, 1, 4).reshape(B, gh, gw, H * d).permute(0, 3, 1, 2)
+    reps = F.adaptive_avg_pool2d(x, (rh, rw))                              # (B, H*d, r_h, r_w)
+    return reps.reshape(B, H, d, rh * rw).transpose(-2, -1)                # (B, H, m, d)
 
 
 
