@@ -12,7 +12,7 @@ each one is compiled here.
 
 Kernels specialise only on the padded sizes (M_PAD ∈ {16, 64, 128}, D_PAD ∈ {32, 64, 128}: m and d are runtime masks),
 the tiles and the element types, so each distinct specialisation compiles once (one process per CPU, largest first; 450
-compiles, about 2.5 min on 2 idle cores with an empty Triton cache). Runs in a subprocess with TRITON_INTERPRET unset;
+compiles, about 1.5 min on 2 idle cores with an empty Triton cache). Runs in a subprocess with TRITON_INTERPRET unset;
 skipped with the reason where Triton or its bundled ptxas / cuobjdump are missing."""
 import importlib.util
 import json
