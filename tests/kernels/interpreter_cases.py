@@ -8,6 +8,7 @@ bfloat16 runs through the kernels' interpreter emulation (float32 tensors holdin
 token dtype rounded to bf16: Triton's interpreter computes bf16 ``tl.dot`` wrongly); ``cast`` checks that rounding
 against torch's own float32 → bfloat16 conversion.
 """
+import contextlib
 import json
 import os
 import sys
@@ -15,18 +16,22 @@ import time
 
 import torch
 
-# (name, B, H, d, grid (H_p, W_p), rep_grid, prefix tokens, trailing tokens, w layout, Q_ini)
+# (name, B, H, d, grid (H_p, W_p), rep_grid, prefix tokens, trailing tokens, w layout, Q_ini, tiles)
 #   layout 'bnhd': w is the usual head-split view of a (B, N, H·d) projection; 'bhnd': contiguous (B, H, N, d)
 #   Q_ini 'pool': pooled from w inside the kernels (PoolSpec(grid, rep_grid, trailing)); 'given': an input r
+#   tiles 'table': the sm_90 TABLE entry (float64: small blocks); 'small': small blocks in every dtype (blocks of 16
+#   representatives, d chunks of 16, the backward broadcast in two passes), as the table chooses where tiles spill
 CASES = [
-    ('m16_d32_equal_prefix1', 2, 2, 32, (8, 8), (4, 4), 1, 0, 'bnhd', 'pool'),              # N = 65
-    ('m49_d96_adaptive_nonsquare_prefix2', 2, 1, 96, (9, 11), (7, 7), 2, 0, 'bnhd', 'pool'),  # N = 101
-    ('m64_d64_equal_nonsquare', 2, 1, 64, (8, 16), (8, 8), 0, 0, 'bhnd', 'pool'),          # N = 128
-    ('m16_d64_legacy_adaptive', 1, 2, 64, (9, 9), (4, 4), 0, 1, 'bnhd', 'pool'),           # N = 82, legacy pooling
-    ('m6_d32_given_r', 3, 2, 32, (6, 6), (2, 3), 1, 0, 'bhnd', 'given'),                   # N = 37
-    ('m4_d32_trailing150_segdecoder', 1, 2, 32, (4, 4), (2, 2), 1, 150, 'bnhd', 'pool'),   # 150 class tokens
-    ('m100_d128_adaptive_prefix1', 1, 1, 128, (12, 15), (10, 10), 1, 3, 'bnhd', 'pool'),   # M_PAD 128, 4 row blocks
-    ('m128_d48_given_r', 1, 2, 48, (8, 8), (8, 16), 0, 0, 'bnhd', 'given'),
+    ('m16_d32_equal_prefix1', 2, 2, 32, (8, 8), (4, 4), 1, 0, 'bnhd', 'pool', 'table'),              # N = 65
+    ('m49_d96_adaptive_nonsquare_prefix2', 2, 1, 96, (9, 11), (7, 7), 2, 0, 'bnhd', 'pool', 'table'),  # N = 101
+    ('m64_d64_equal_nonsquare', 2, 1, 64, (8, 16), (8, 8), 0, 0, 'bhnd', 'pool', 'table'),          # N = 128
+    ('m16_d64_legacy_adaptive', 1, 2, 64, (9, 9), (4, 4), 0, 1, 'bnhd', 'pool', 'table'),           # legacy pooling
+    ('m6_d32_given_r', 3, 2, 32, (6, 6), (2, 3), 1, 0, 'bhnd', 'given', 'table'),                   # N = 37
+    ('m4_d32_trailing150_segdecoder', 1, 2, 32, (4, 4), (2, 2), 1, 150, 'bnhd', 'pool', 'table'),   # 150 class tokens
+    ('m100_d128_adaptive_prefix1', 1, 1, 128, (12, 15), (10, 10), 1, 3, 'bnhd', 'pool', 'table'),   # M_PAD 128
+    ('m128_d48_given_r', 1, 2, 48, (8, 8), (8, 16), 0, 0, 'bnhd', 'given', 'table'),
+    ('m25_d16_pads_64_32', 2, 1, 16, (7, 7), (5, 5), 1, 0, 'bnhd', 'pool', 'table'),               # m, d padded up
+    ('m100_d80_small_blocks', 1, 1, 80, (10, 10), (10, 10), 1, 2, 'bnhd', 'pool', 'small'),        # N = 103
 ]
 DTYPES = {'fp32': torch.float32, 'fp64': torch.float64, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 NAMES = ['out', 'dw', 'dr', 'deta', 'dkap']
@@ -62,24 +67,40 @@ def _rel_errors(got, ref):
             for n, a, b in zip(NAMES, got, ref) if a is not None}
 
 
-def run_case(name, B, H, d, grid, rep, prefix, trailing, layout, qini, dtype):
+@contextlib.contextmanager
+def _tiles(tiles):
+    """'small': the interpreter's small-block configuration for every dtype (no TABLE entry to take)."""
+    from timm_cbsa.ops.contract_broadcast.triton import function
+    saved = dict(function.TABLE)
+    if tiles == 'small':
+        function.TABLE.clear()
+    try:
+        yield
+    finally:
+        function.TABLE.update(saved)
+
+
+def run_case(name, B, H, d, grid, rep, prefix, trailing, layout, qini, tiles, dtype):
     """Kernels in ``dtype`` vs the naive twin in float64 on the same (dtype-rounded) inputs: relative errors."""
     from timm_cbsa.ops.contract_broadcast.naive import naive_contract_and_broadcast
     from timm_cbsa.ops.contract_broadcast.pooling import PoolSpec
-    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton
+    from timm_cbsa.ops.contract_broadcast.triton import contract_and_broadcast_triton, function
     w0, r0, eta0, kap0, grad = _inputs(B, H, d, grid, rep, prefix, trailing, layout, qini)
     w0, eta0, kap0, grad = (t.to(dtype).double() for t in (w0, eta0, kap0, grad))   # the same numbers for both
     r0 = None if r0 is None else r0.to(dtype).double()
     pool = None if qini == 'given' else PoolSpec(grid, rep, trailing)
     t0 = time.perf_counter()
-    got, out = _run(contract_and_broadcast_triton, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
+    with _tiles(tiles):
+        cfg = function._plan(w0.to(dtype), rep[0] * rep[1]).cfg
+        got, out = _run(contract_and_broadcast_triton, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
     secs = time.perf_counter() - t0
     ref, _ = _run(naive_contract_and_broadcast, torch.float64, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
     errs = _rel_errors(got, ref)
     # the naive twin itself in ``dtype``: how far rounding to it alone lands from float64 (∂η sums cancel)
     own, _ = _run(naive_contract_and_broadcast, dtype, w0, r0, eta0, kap0, grad, d ** -0.5, pool)
     return dict(errors=errs, naive_errors=_rel_errors(own, ref), seconds=round(secs, 2), out_dtype=str(out.dtype),
-                grad_dtype=str(got[1].dtype),
+                grad_dtype=str(got[1].dtype), pads=[function.pad_m(rep[0] * rep[1]), function.pad_d(d)],
+                blocks=[cfg.rep_block, cfg.d_chunk, cfg.bwd_rep_block, cfg.bwd_d_chunk],
                 out_layout_bnhd=bool(out.transpose(1, 2).is_contiguous()) if layout == 'bnhd' else None)
 
 

@@ -1,10 +1,12 @@
-"""The CBSA Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1): forward and every gradient
-(∂W including the pooled ∂Q_ini, ∂Q_ini when given, ∂η, ∂κ) against the naive twin in float64 on the same inputs:
-float32 (≤ 1e-4 relative), float64 (≤ 1e-10), float16 and bfloat16 (≤ 2e-2 / 3e-2; the step-size gradients, sums
-with cancellation, ≤ 5e-2 / 8e-2; or within twice the error of the naive twin run in that dtype itself). bf16 runs through the kernels' interpreter emulation, whose rounding is checked
-against torch's bf16 cast. Cases (interpreter_cases.py): prefix and trailing tokens (150 class tokens of a
-segmentation decoder, legacy pooling), equal / adaptive / non-square windows, m ∈ {4, 6, 16, 49, 64, 100, 128}, d up to
-128, odd N, batch > 1; bitwise-equal gradients across two runs in deterministic mode.
+"""The CBSA Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1): forward and every gradient (∂W
+including the pooled ∂Q_ini, ∂Q_ini when given, ∂η, ∂κ) against the naive twin in float64 on the same inputs: float32 (≤
+1e-4 relative), float64 (≤ 1e-10), float16 and bfloat16 (≤ 2e-2 / 3e-2; the step-size gradients, sums with cancellation,
+≤ 5e-2 / 8e-2; or within twice the error of the naive twin run in that dtype itself). bf16 runs through the kernels'
+interpreter emulation, whose rounding is checked against torch's bf16 cast. Cases (interpreter_cases.py): prefix and
+trailing tokens (150 class tokens of a segmentation decoder, legacy pooling), equal / adaptive / non-square windows, m ∈
+{4, 6, 16, 25, 49, 64, 100, 128}, d from 16 to 128, odd N, batch > 1, the table's tiles and small blocks (blocks of
+representatives, d chunks, the two-pass backward broadcast) in every dtype; bitwise-equal gradients across two runs in
+deterministic mode.
 
 TRITON_INTERPRET must be set before the kernels are defined, so the cases run in one subprocess (started once per
 test session); the rest of the suite is unaffected. Skipped where Triton is not installed."""
@@ -57,6 +59,20 @@ def test_kernels_match_naive_float64(interpreter_results, case):
     assert res['out_dtype'] == res['grad_dtype'] == str(DTYPES[dn])
     if res['out_layout_bnhd'] is not None:
         assert res['out_layout_bnhd'], 'output should keep w\'s (B, N, H, d) layout (free head merge)'
+
+
+@pytest.mark.slow
+def test_cases_cover_both_backward_paths_blocks_and_padded_sizes(interpreter_results):
+    """Every dtype runs the one-pass backward broadcast and the two-pass one with blocks of representatives and d
+    chunks (the configurations the table picks where whole tiles spill); m = 25, d = 16 run padded to 64 / 32."""
+    for dn in DTYPES:
+        runs = [r for name, r in interpreter_results.items() if name.endswith('-' + dn)]
+        assert any(r['blocks'][2] == r['pads'][0] for r in runs), f'{dn}: no one-pass backward case'
+        assert any(r['blocks'][2] < r['pads'][0] and r['blocks'][3] < r['pads'][1] for r in runs), dn
+        assert any(r['blocks'][0] < r['pads'][0] and r['blocks'][1] < r['pads'][1] for r in runs), dn
+    small = interpreter_results['m100_d80_small_blocks-bf16']
+    assert small['blocks'] == [16, 16, 16, 16] and small['pads'] == [128, 128], small
+    assert interpreter_results['m25_d16_pads_64_32-fp32']['pads'] == [64, 32]
 
 
 @pytest.mark.slow

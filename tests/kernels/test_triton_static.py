@@ -48,15 +48,15 @@ def test_arguments_that_do_not_fit_are_refused():
         contract_and_broadcast_triton(w, one, one, 0.3, r=torch.randn(1, 2, 4, 7))
 
 
-def test_shared_memory_and_refusals_come_from_the_table():
+def test_shared_memory_and_refusals_come_from_the_table(monkeypatch):
     key = (90, 'half', 64, 64)
     need = function.TABLE[key][3]
     assert need > 0
     assert function.shared_memory_reasons(64, 64, torch.bfloat16, 90, need) == []
     reasons = function.shared_memory_reasons(64, 64, torch.float16, 90, need - 1)
     assert len(reasons) == 1 and f'needs {need} B' in reasons[0] and f'allows {need - 1} B' in reasons[0]
-    # a configuration the table lacks is refused whatever the limit: bf16 with m_pad = 128 on sm_80
-    assert (80, 'half', 128, 64) not in function.TABLE
+    # a configuration the table lacks is refused whatever the limit
+    monkeypatch.delitem(function.TABLE, (80, 'half', 128, 64))
     reasons = function.shared_memory_reasons(64, 100, torch.bfloat16, 80, 1 << 30)
     assert len(reasons) == 1 and 'no configuration' in reasons[0] and 'sm_80' in reasons[0], reasons
     # float32 needs both products (the TF32 switch is global and may change after the check)
@@ -66,13 +66,32 @@ def test_shared_memory_and_refusals_come_from_the_table():
 
 
 def test_table_configurations_launch():
-    """Every TABLE entry gives a Config (the interpreter's None target falls back to sm_90 / small tiles)."""
+    """Every TABLE entry gives a Config whose blocks the kernels and the m×m merges can use: token blocks ≥ 16,
+    representative blocks and d chunks powers of two ≥ 16 dividing M_PAD / D_PAD (the m×m kernels read the token
+    kernels' partials by row blocks of 16), the one-pass backward with whole d. The interpreter's None target falls
+    back to sm_90 / small blocks."""
     for (arch, k, mp, dp) in function.TABLE:
         dt = torch.bfloat16 if k == 'half' else torch.float32
         cfg = function.config(dt, 'tf32' if k == 'half' else k, mp, dp, arch)
         assert cfg is not None and min(cfg.block_n, cfg.bwd_block_n, cfg.pool_block_n) >= 16
-    assert function.config(torch.bfloat16, 'tf32', 128, 64, 80) is None
-    assert function.config(torch.float64, 'ieee', 128, 128, None) is not None
+        for bm, dk in ((cfg.rep_block, cfg.d_chunk), (cfg.bwd_rep_block, cfg.bwd_d_chunk)):
+            assert 16 <= bm <= mp and mp % bm == 0 and 16 <= dk <= dp and dp % dk == 0, (arch, k, mp, dp, cfg)
+            assert bm % cfg.bm == 0
+        assert cfg.bwd_rep_block < mp or cfg.bwd_d_chunk == dp
+        # sm_80's table serves every 8.x device: within sm_86 / sm_89's 99 KB; sm_90's within 227 KB
+        assert function.TABLE[(arch, k, mp, dp)][3] <= {80: 99 * 1024, 90: 227 * 1024}[arch], (arch, k, mp, dp)
+    assert function.config(torch.bfloat16, 'tf32', 256, 64, 80) is None
+    small = function.config(torch.float64, 'ieee', 128, 128, None)
+    assert small is not None and small.rep_block == small.bwd_rep_block == small.d_chunk == 16
+
+
+def test_padded_sizes_cover_every_m_and_d():
+    """m and d map to the smallest compiled padded size that holds them (m = 17..64 runs as M_PAD = 64, d ≤ 32 as
+    D_PAD = 32), so every 1 ≤ m, d ≤ 128 has a table key."""
+    assert [function.pad_m(m) for m in (1, 16, 17, 25, 64, 65, 100, 128)] == [16, 16, 64, 64, 64, 128, 128, 128]
+    assert [function.pad_d(d) for d in (1, 16, 32, 33, 64, 65, 128)] == [32, 32, 32, 64, 64, 128, 128]
+    keys = {(mp, dp) for (_, _, mp, dp) in function.TABLE}
+    assert {(function.pad_m(m), function.pad_d(d)) for m in range(1, 129) for d in range(1, 129)} <= keys
 
 
 def test_launch_geometry_holds_huge_batch_heads_and_tokens():

@@ -7,7 +7,8 @@ target=GPUTarget('cuda', arch, 32))``, the path of Triton's own AOT tool. Regist
 ``cuobjdump --dump-resource-usage`` on the cubin (the CUDA tools bundled in Triton's wheel), shared memory from the
 compiled kernel's metadata.
 
-    python tests/ops/triton_aot.py [--archs 80 90] [--jobs 2] [--markdown]     # the compile matrix, JSON lines
+    python tests/ops/triton_aot.py [--archs 80 90] [--jobs 2] [--markdown]   # compile matrix, JSON lines
+    python tests/ops/triton_aot.py --sweep                     # choose the TABLE (compiles candidate tiles)
 
 Used by test_triton_compile.py. TRITON_INTERPRET must be unset (the kernels must be JIT functions)."""
 import argparse
@@ -23,14 +24,14 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-# shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin)
-SMEM_LIMIT = {80: 166912, 90: 232448}
+# shared memory per block with opt-in (cudaDevAttrMaxSharedMemoryPerBlockOptin) that a target's TABLE entries must fit:
+# 80 serves every 8.x device, so the smallest 8.x limit (sm_86 / sm_89: 99 KB; sm_80: 163 KB); 90: sm_90 (227 KB)
+SMEM_LIMIT = {80: 101376, 90: 232448}
 MODES = {'bf16': (torch.bfloat16, 'tf32'), 'fp16': (torch.float16, 'tf32'), 'fp32_tf32': (torch.float32, 'tf32'),
          'fp32_ieee': (torch.float32, 'ieee')}
 MODEL_MD = [(64, 64), (4, 32)]      # cbsa_vit_* / cbt_* (8×8 representatives, d = 64); cbt_nano_patch8_32 (2×2, 32)
-FP16_SAMPLE = MODEL_MD + [(49, 96), (16, 128), (100, 128)]   # fp16 compiles like bf16 (same tiles): a sample
-MS = [16, 49, 64, 100, 128]
-DS = [32, 48, 64, 80, 96, 128]
+MS = [16, 25, 49, 64, 100, 128]
+DS = [16, 32, 48, 64, 80, 96, 128]
 _DT = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float64: 'fp64'}
 
 
@@ -179,10 +180,11 @@ def compile_launch(launch: Launch, arch: int) -> dict:
 
 
 def matrix() -> List[Tuple[str, int, int]]:
-    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS for bf16 and both
-    float32 precisions; fp16 (the same tiles and code as bf16 but the element type) on ``FP16_SAMPLE``."""
+    """(mode, m, d) of the compile matrix: the registered models' (m, d) and m ∈ MS × d ∈ DS in every mode, which
+    reaches every ``TABLE`` entry with each element type (the kernels specialise on M_PAD, D_PAD, the tiles and the
+    element types only, so repeated (M_PAD, D_PAD) cost nothing: ``plan`` compiles each distinct launch once)."""
     pairs = list(dict.fromkeys(MODEL_MD + [(m, d) for m in MS for d in DS]))
-    return [(mode, m, d) for mode in MODES for m, d in (FP16_SAMPLE if mode == 'fp16' else pairs)]
+    return [(mode, m, d) for mode in MODES for m, d in pairs]
 
 
 def accepted(mode: str, m: int, d: int, arch: int) -> bool:
@@ -194,7 +196,7 @@ def accepted(mode: str, m: int, d: int, arch: int) -> bool:
 
 def plan(archs=(80, 90)):
     """{(mode, m, d, arch): [launches]} for the accepted entries of the matrix, and the distinct (launch, arch)
-    compiles they need."""
+    compiles they need, largest tiles first (the longest compiles start first on the workers)."""
     uses, todo = {}, {}
     for mode, m, d in matrix():
         dtype, prec = MODES[mode]
@@ -204,7 +206,8 @@ def plan(archs=(80, 90)):
             keys = [(launch, arch) for pool in (True, False) for launch in record(dtype, prec, m, d, arch, pool)]
             uses[(mode, m, d, arch)] = list(dict.fromkeys(keys))
             todo.update(dict.fromkeys(keys))
-    return uses, list(todo)
+    size = {k: dict(k[0].constants) for k in todo}
+    return uses, sorted(todo, key=lambda k: -size[k].get('M_PAD', 0) * size[k].get('D_PAD', 0))
 
 
 def _compile_star(item):
@@ -227,23 +230,52 @@ def clean(res: dict, arch: int) -> bool:
     return res['ok'] and res['stack'] == 0 and res['local'] == 0 and res['shared'] <= SMEM_LIMIT[arch]
 
 
-GROUPS = {'main': ('_extract_partial', '_broadcast_fwd', '_ag_partial'), 'bwd': ('_broadcast_bwd',),
-          'pool': ('_pool_partial', '_pool_adjoint')}
-CANDIDATES = {'main': [(64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8)],
-              'bwd': [(64, 8), (32, 4), (32, 8), (16, 4), (16, 8)],
-              'pool': [(64, 4), (32, 4), (32, 8), (16, 4), (16, 8)]}
+GROUPS = {'main': ('_extract_partial', '_broadcast_fwd', '_ag_partial'),
+          'bwd': ('_broadcast_bwd', '_broadcast_bwd_blocks'), 'pool': ('_pool_partial', '_pool_adjoint')}
+# Candidates in order of preference: (BLOCK_N, num_warps, num_stages[, representative block, d chunk]), 'M' / 'D' for
+# M_PAD / D_PAD (numbers above them are clipped). First whole tiles (one pass, nothing recomputed), larger token blocks
+# and software pipelining first; then blocks of representatives and d chunks, which hold smaller tiles (float32
+# 'ieee' products keep whole-K operand rows in registers; the backward broadcast becomes two passes).
+CANDIDATES = {'main': [(64, 4, 2, 'M', 'D'), (64, 8, 2, 'M', 'D'), (32, 4, 2, 'M', 'D'), (32, 8, 2, 'M', 'D'),
+                       (32, 8, 1, 'M', 'D'), (16, 8, 1, 'M', 'D'), (32, 8, 2, 32, 32), (32, 8, 1, 32, 32),
+                       (32, 4, 2, 16, 16), (16, 8, 1, 16, 16)],
+              'bwd': [(64, 8, 2, 'M', 'D'), (32, 4, 2, 'M', 'D'), (32, 8, 2, 'M', 'D'), (16, 4, 2, 'M', 'D'),
+                      (16, 8, 2, 'M', 'D'), (32, 8, 1, 'M', 'D'), (16, 8, 1, 'M', 'D'), (32, 4, 2, 32, 'D'),
+                      (32, 8, 2, 32, 32), (32, 4, 1, 16, 16), (16, 4, 1, 16, 16), (16, 8, 1, 16, 16)],
+              'pool': [(64, 4, 2), (32, 4, 2), (32, 8, 2), (16, 4, 2), (16, 8, 2), (32, 8, 1), (16, 8, 1)]}
+_SMALL = {'main': (32, 4, 1, 16, 16), 'bwd': (32, 4, 1, 16, 16), 'pool': (32, 4, 1)}   # groups not being swept
+
+
+def resolve(cand: tuple, mp: int, dp: int) -> tuple:
+    """A candidate for (M_PAD, D_PAD): 'M' / 'D' replaced, blocks clipped; the one-pass backward (representative
+    block M_PAD) takes whole d."""
+    if len(cand) == 3:
+        return cand
+    bm = mp if cand[3] == 'M' else min(cand[3], mp)
+    return cand[:3] + (bm, dp if cand[4] == 'D' or bm == mp else min(cand[4], dp))
+
+
+def candidates(group: str, mp: int, dp: int) -> List[tuple]:
+    return list(dict.fromkeys(resolve(c, mp, dp) for c in CANDIDATES[group]))
+
+
+def sweep_config(group: str, cand: tuple, mp: int, dp: int):
+    """The ``function.Config`` with ``cand`` for ``group`` and small tiles elsewhere."""
+    from timm_cbsa.ops.contract_broadcast.triton.function import Config
+    tiles = {g: resolve(_SMALL[g], mp, dp) for g in GROUPS}
+    tiles[group] = cand
+    return Config(*tiles['main'], *tiles['bwd'], *tiles['pool'], 16, 4)
 
 
 def _sweep_one(task):
     """First candidate (in order of preference) of one kernel group that compiles cleanly, per target."""
-    from timm_cbsa.ops.contract_broadcast.triton.function import Config
     mode, mp, dp, group, archs = task
     dtype, prec = MODES[mode]
     found, tried = {}, []
-    for cand in CANDIDATES[group]:
-        sizes = {'main': cand + (32, 8, 32, 4), 'bwd': (32, 4) + cand + (32, 4), 'pool': (32, 4, 32, 8) + cand}[group]
+    for cand in candidates(group, mp, dp):
         for arch in [a for a in archs if a not in found]:
-            launches = [l for l in record(dtype, prec, mp, dp, arch, True, Config(*sizes, 16, 4, 2))
+            cfg = sweep_config(group, cand, mp, dp)
+            launches = [l for l in dict.fromkeys(record(dtype, prec, mp, dp, arch, True, cfg))
                         if l.kernel in GROUPS[group]]
             res = [compile_launch(l, arch) for l in launches]
             tried.append((cand, arch, [(r['kernel'], r.get('registers'), r.get('stack'), r.get('shared'))
@@ -259,7 +291,7 @@ def sweep(modes=('bf16', 'fp32_tf32', 'fp32_ieee'), pads=None, archs=(80, 90), j
     """The TABLE entries: per (arch, kind, M_PAD, D_PAD), each group's first clean candidate (a missing group:
     the entry is left out, i.e. refused). Slow (hundreds of compiles); run by hand when the kernels change."""
     from timm_cbsa.ops.contract_broadcast.triton import function
-    pads = pads or [(mp, dp) for mp in (16, 64, 128) for dp in (32, 64, 128)]
+    pads = pads or [(mp, dp) for mp in function.M_PADS for dp in function.D_PADS]
     tasks = [(mode, mp, dp, g, tuple(archs)) for mode in modes for mp, dp in pads for g in GROUPS]
     found = {}
     with concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else _Serial() as ex:
@@ -296,12 +328,13 @@ def table(results: Dict[tuple, List[dict]]) -> str:
     rows: Dict[tuple, Dict[str, str]] = {}
     kernels: List[str] = []
     for (mode, m, d, arch), recs in results.items():
+        cells: Dict[str, str] = {}
         for r in recs:
-            key = (r['arch'], mode, function.pad(m), function.pad(d))
             kernels += [r['kernel']] if r['kernel'] not in kernels else []
             cell = (f"{r['shared'] // 1024}K/r{r['registers']}" + (f"/stk{r['stack']}" if r['stack'] else '')
                     if r['ok'] else 'FAIL')
-            rows.setdefault(key, {})[r['kernel']] = cell
+            cells[r['kernel']] = cells[r['kernel']] + ' + ' + cell if r['kernel'] in cells else cell   # two passes
+        rows[(arch, mode, function.pad_m(m), function.pad_d(d))] = cells
     head = ['sm', 'mode', 'M_PAD', 'D_PAD'] + [k.strip('_') for k in kernels]
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for key in sorted(rows, key=lambda k: (k[0], list(MODES).index(k[1]), k[2], k[3])):
@@ -314,7 +347,7 @@ def table(results: Dict[tuple, List[dict]]) -> str:
 def _main_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--archs', type=int, nargs='+', default=[80, 90])
-    p.add_argument('--jobs', type=int, default=2)
+    p.add_argument('--jobs', type=int, default=os.cpu_count() or 2)
     p.add_argument('--markdown', action='store_true', help='print the per-kernel table at the end')
     p.add_argument('--json', default=None, help='write {mode/m/d/arch: results} here')
     p.add_argument('--sweep', action='store_true', help='choose the configurations: print the TABLE entries')

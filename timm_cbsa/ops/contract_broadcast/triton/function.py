@@ -9,7 +9,9 @@ Passes over the N×d token tensors per layer (W, G = ∂out, ∂W; Q_ini pooled 
     backward  2 reads of (W, G) + 1 write of ∂W, then one read-add-write of ∂W's patch tokens: A G (∂Z and D need
               all of it) → ∂W and the token sum of ∂Q_ini → ∂W += poolᵀ(∂Q_ini), which is complete only after the
               previous pass. Each arrow is a reduction over all tokens that the next pass needs, so no pass can be
-              merged into its neighbour; with Q_ini given (``r``) the pooling passes drop out.
+              merged into its neighbour; with Q_ini given (``r``) the pooling passes drop out. Where the one-pass
+              backward broadcast spills (``Config.bwd_rep_block`` < M_PAD), ∂W and ∂Q_ini's token sum are two
+              passes: one more read of (W, G).
 All reductions over tokens are per-chunk partials merged in a fixed order: results are bitwise reproducible (no
 atomics), so ``torch.use_deterministic_algorithms(True)`` needs nothing else. Scalars reach the kernels as arguments
 and nothing is read back to the host: no synchronisation, CUDA-graph capturable.
@@ -33,7 +35,7 @@ __all__ = ['TritonContractBroadcast', 'contract_and_broadcast_triton', 'not_supp
 
 _logger = logging.getLogger(__name__)
 
-MAX_REPRESENTATIVES = 128   # m: the token kernels hold an (M_PAD, D_PAD) accumulator per program
+MAX_REPRESENTATIVES = 128   # m: padded to M_PAD ≤ 128, the largest size with a spill-free TABLE entry
 MAX_HEAD_DIM = 128          # d
 MAX_TOKENS = 65536          # N: grid axis 1 holds ⌈N / BLOCK_N⌉ ≤ 65,535 token blocks; int32 token indices
 COMPILED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,63 +43,104 @@ MIN_CAPABILITY = (8, 0)     # tl.dot on tensor cores (mma v2 / wgmma), bf16
 
 # The launch configurations, per target (80: sm_80 / Ampere, also used for 8.x; 90: sm_90 / Hopper and newer), token
 # kind ('half': bf16 / fp16; 'tf32' / 'ieee': float32 with torch's TF32 switch on / off) and (M_PAD, D_PAD):
-# (BLOCK_N, warps) of extraction / broadcast / A G, of the backward broadcast, of pooling and its adjoint, and the
-# most shared memory per block any of the kernels needs. Chosen by compiling candidates ahead of time for both
-# targets (the first in order of preference with zero register spills) and proven by tests/ops/test_triton_compile.py
-# (Triton 3.8): every listed configuration compiles with zero spills and within this shared memory. A missing entry
-# has no spill-free configuration: ``not_supported_reasons`` refuses it.
-TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int], int]] = {
-    (80, 'half', 16, 32): ((64, 4), (64, 8), (64, 4), 15360),
-    (80, 'half', 16, 64): ((64, 4), (64, 8), (64, 4), 28672),
-    (80, 'half', 16, 128): ((64, 4), (64, 8), (64, 4), 55296),
-    (80, 'half', 64, 32): ((64, 4), (64, 8), (64, 4), 36864),
-    (80, 'half', 64, 64): ((64, 4), (64, 8), (32, 4), 65536),
-    (80, 'half', 64, 128): ((64, 4), (64, 8), (32, 4), 122880),
-    (80, 'ieee', 16, 32): ((32, 4), (32, 8), (32, 4), 18432),
-    (80, 'ieee', 16, 64): ((32, 4), (16, 8), (32, 4), 22528),
-    (80, 'ieee', 64, 32): ((32, 4), (16, 8), (32, 4), 36864),
-    (80, 'tf32', 16, 32): ((32, 4), (32, 8), (32, 4), 24576),
-    (80, 'tf32', 16, 64): ((32, 4), (32, 8), (32, 4), 47104),
-    (80, 'tf32', 16, 128): ((32, 8), (16, 4), (32, 4), 66560),
-    (80, 'tf32', 64, 32): ((32, 4), (32, 8), (32, 4), 61440),
-    (80, 'tf32', 64, 64): ((32, 4), (16, 8), (32, 4), 98304),
-    (90, 'half', 16, 32): ((64, 4), (64, 8), (64, 4), 15360),
-    (90, 'half', 16, 64): ((64, 4), (64, 8), (64, 4), 30720),
-    (90, 'half', 16, 128): ((64, 4), (64, 8), (64, 4), 61440),
-    (90, 'half', 64, 32): ((64, 4), (64, 8), (64, 4), 24576),
-    (90, 'half', 64, 64): ((64, 4), (64, 8), (64, 4), 40960),
-    (90, 'half', 64, 128): ((64, 4), (64, 8), (32, 4), 81920),
-    (90, 'half', 128, 32): ((64, 4), (64, 8), (32, 4), 45056),
-    (90, 'half', 128, 64): ((64, 4), (32, 8), (32, 8), 102400),
-    (90, 'half', 128, 128): ((64, 8), (32, 8), (32, 8), 188416),
-    (90, 'ieee', 16, 32): ((32, 4), (32, 8), (32, 4), 18432),
-    (90, 'ieee', 16, 64): ((32, 4), (16, 8), (32, 4), 22528),
-    (90, 'ieee', 64, 32): ((32, 4), (16, 8), (32, 4), 36864),
-    (90, 'tf32', 16, 32): ((32, 4), (32, 8), (32, 4), 24576),
-    (90, 'tf32', 16, 64): ((32, 4), (32, 8), (32, 4), 47104),
-    (90, 'tf32', 16, 128): ((32, 4), (16, 4), (32, 4), 66560),
-    (90, 'tf32', 64, 32): ((32, 4), (32, 8), (32, 4), 57344),
-    (90, 'tf32', 64, 64): ((32, 4), (32, 8), (32, 4), 114688),
-    (90, 'tf32', 128, 32): ((32, 4), (16, 4), (32, 8), 102400),
+# (BLOCK_N, warps, stages, representative block, d chunk) of extraction / broadcast / A G and of the backward
+# broadcast, (BLOCK_N, warps, stages) of pooling and its adjoint, and the most shared memory per block any of the
+# kernels needs (``Config``). Chosen by compiling candidates ahead of time for both targets (``python
+# tests/ops/triton_aot.py --sweep``: the first in order of preference with zero register spills and shared memory
+# within 99 KB on 80, so that every 8.x device runs every entry, and 227 KB on 90) and proven by
+# tests/ops/test_triton_compile.py (Triton 3.8): every listed configuration compiles with zero spills and within this
+# shared memory. A missing entry has no spill-free configuration: ``not_supported_reasons`` refuses it.
+TABLE: Dict[Tuple[int, str, int, int], Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...], int]] = {
+    (80, 'half', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 15360),
+    (80, 'half', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 28672),
+    (80, 'half', 16, 128): ((64, 4, 2, 16, 128), (64, 8, 2, 16, 128), (64, 4, 2), 55296),
+    (80, 'half', 64, 32): ((64, 4, 2, 64, 32), (64, 8, 2, 64, 32), (64, 4, 2), 36864),
+    (80, 'half', 64, 64): ((64, 4, 2, 64, 64), (64, 8, 2, 64, 64), (32, 4, 2), 65536),
+    (80, 'half', 64, 128): ((64, 4, 2, 64, 128), (16, 4, 2, 64, 128), (32, 4, 2), 92160),
+    (80, 'half', 128, 32): ((64, 4, 2, 128, 32), (32, 4, 2, 32, 32), (32, 4, 2), 22784),
+    (80, 'half', 128, 64): ((64, 8, 2, 128, 64), (32, 8, 2, 32, 32), (32, 4, 2), 32768),
+    (80, 'half', 128, 128): ((64, 8, 2, 128, 128), (32, 4, 2, 32, 128), (32, 8, 2), 90368),
+    (80, 'ieee', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 30720),
+    (80, 'ieee', 16, 64): ((64, 4, 2, 16, 64), (16, 8, 2, 16, 64), (64, 4, 2), 40960),
+    (80, 'ieee', 16, 128): ((64, 8, 2, 16, 128), (16, 8, 1, 16, 128), (64, 4, 2), 77824),
+    (80, 'ieee', 64, 32): ((64, 8, 2, 64, 32), (16, 8, 2, 64, 32), (32, 4, 2), 40960),
+    (80, 'ieee', 64, 64): ((32, 8, 2, 64, 64), (16, 8, 1, 64, 64), (32, 4, 2), 61440),
+    (80, 'ieee', 64, 128): ((16, 8, 1, 64, 128), (32, 8, 2, 32, 32), (32, 8, 2), 45312),
+    (80, 'ieee', 128, 32): ((32, 8, 2, 128, 32), (16, 8, 1, 128, 32), (32, 8, 2), 67584),
+    (80, 'ieee', 128, 64): ((16, 8, 1, 128, 64), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (80, 'ieee', 128, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (16, 8, 2), 65536),
+    (80, 'tf32', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 38912),
+    (80, 'tf32', 16, 64): ((64, 4, 2, 16, 64), (32, 4, 2, 16, 64), (64, 4, 2), 45056),
+    (80, 'tf32', 16, 128): ((64, 4, 2, 16, 128), (16, 4, 2, 16, 128), (64, 4, 2), 77824),
+    (80, 'tf32', 64, 32): ((64, 4, 2, 64, 32), (64, 8, 2, 64, 32), (32, 4, 2), 81920),
+    (80, 'tf32', 64, 64): ((64, 4, 2, 64, 64), (16, 8, 2, 64, 64), (32, 4, 2), 98304),
+    (80, 'tf32', 64, 128): ((32, 8, 2, 64, 128), (32, 8, 2, 32, 32), (32, 8, 2), 73728),
+    (80, 'tf32', 128, 32): ((64, 4, 2, 128, 32), (32, 4, 2, 32, 32), (32, 8, 2), 32768),
+    (80, 'tf32', 128, 64): ((64, 8, 2, 128, 64), (32, 4, 2, 32, 64), (32, 8, 2), 65536),
+    (80, 'tf32', 128, 128): ((32, 8, 2, 128, 128), (32, 8, 2, 32, 32), (16, 8, 2), 98304),
+    (90, 'half', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 15360),
+    (90, 'half', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 30720),
+    (90, 'half', 16, 128): ((64, 4, 2, 16, 128), (64, 8, 2, 16, 128), (64, 4, 2), 61440),
+    (90, 'half', 64, 32): ((64, 4, 2, 64, 32), (64, 8, 2, 64, 32), (64, 4, 2), 24576),
+    (90, 'half', 64, 64): ((64, 4, 2, 64, 64), (64, 8, 2, 64, 64), (64, 4, 2), 40960),
+    (90, 'half', 64, 128): ((64, 4, 2, 64, 128), (64, 8, 2, 64, 128), (32, 4, 2), 81920),
+    (90, 'half', 128, 32): ((64, 4, 2, 128, 32), (64, 8, 2, 128, 32), (32, 4, 2), 45056),
+    (90, 'half', 128, 64): ((64, 4, 2, 128, 64), (32, 8, 2, 128, 64), (32, 8, 2), 102400),
+    (90, 'half', 128, 128): ((64, 8, 2, 128, 128), (32, 8, 2, 128, 128), (32, 8, 2), 188416),
+    (90, 'ieee', 16, 32): ((64, 4, 2, 16, 32), (32, 8, 2, 16, 32), (64, 4, 2), 22528),
+    (90, 'ieee', 16, 64): ((64, 4, 2, 16, 64), (16, 8, 2, 16, 64), (64, 4, 2), 40960),
+    (90, 'ieee', 16, 128): ((64, 8, 2, 16, 128), (16, 8, 1, 16, 128), (64, 4, 2), 77824),
+    (90, 'ieee', 64, 32): ((64, 4, 2, 64, 32), (16, 8, 2, 64, 32), (64, 4, 2), 40960),
+    (90, 'ieee', 64, 64): ((32, 8, 2, 64, 64), (32, 8, 2, 32, 32), (32, 4, 2), 40960),
+    (90, 'ieee', 64, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (90, 'ieee', 128, 32): ((64, 8, 2, 128, 32), (16, 8, 1, 128, 32), (32, 8, 2), 67584),
+    (90, 'ieee', 128, 64): ((16, 8, 1, 128, 64), (32, 8, 2, 32, 32), (32, 8, 2), 45056),
+    (90, 'ieee', 128, 128): ((32, 8, 2, 32, 32), (32, 8, 2, 32, 32), (16, 8, 2), 65536),
+    (90, 'tf32', 16, 32): ((64, 4, 2, 16, 32), (64, 8, 2, 16, 32), (64, 4, 2), 47104),
+    (90, 'tf32', 16, 64): ((64, 4, 2, 16, 64), (64, 8, 2, 16, 64), (64, 4, 2), 90112),
+    (90, 'tf32', 16, 128): ((64, 4, 2, 16, 128), (16, 4, 2, 16, 128), (64, 4, 2), 77824),
+    (90, 'tf32', 64, 32): ((64, 4, 2, 64, 32), (32, 4, 2, 64, 32), (64, 4, 2), 57344),
+    (90, 'tf32', 64, 64): ((64, 4, 2, 64, 64), (32, 8, 2, 64, 64), (32, 4, 2), 114688),
+    (90, 'tf32', 64, 128): ((64, 8, 2, 64, 128), (16, 8, 2, 64, 128), (32, 8, 2), 188416),
+    (90, 'tf32', 128, 32): ((64, 4, 2, 128, 32), (16, 4, 2, 128, 32), (32, 8, 2), 102400),
+    (90, 'tf32', 128, 64): ((64, 8, 2, 128, 64), (32, 8, 2, 128, 64), (32, 8, 2), 212992),
+    (90, 'tf32', 128, 128): ((64, 8, 2, 128, 128), (32, 8, 2, 32, 32), (16, 8, 2), 196608),
 }
 
 
-def pad(x: int) -> int:
-    """m or d padded for the kernels: the next power of two ≥ 16."""
-    return max(16, 1 << (int(x) - 1).bit_length())
+M_PADS = (16, 64, 128)      # the padded m and d the kernels are compiled for (powers of two; m and d are runtime masks,
+D_PADS = (32, 64, 128)      # so three sizes each bound the compiled variants: m = 17..64 all run as M_PAD = 64)
+
+
+def pad_m(m: int) -> int:
+    """m padded for the kernels: the smallest of ``M_PADS`` ≥ m."""
+    return next((p for p in M_PADS if m <= p), 2 * M_PADS[-1])
+
+
+def pad_d(d: int) -> int:
+    """d padded for the kernels: the smallest of ``D_PADS`` ≥ d."""
+    return next((p for p in D_PADS if d <= p), 2 * D_PADS[-1])
 
 
 class Config(NamedTuple):
-    """Tiles and launch settings for one (token dtype, float32 precision, M_PAD, D_PAD)."""
-    block_n: int      # tokens per block: extraction, broadcast, A G
-    warps: int        # their num_warps
-    bwd_block_n: int  # tokens per block of the backward broadcast (∂W, ∂S W)
+    """Tiles and launch settings for one (token dtype, float32 precision, M_PAD, D_PAD). Token kernels process blocks
+    of ``*block_n`` tokens and ``*rep_block`` representatives (M_PAD: all at once) with the products over d in chunks
+    of ``*d_chunk`` columns (D_PAD: whole)."""
+    block_n: int        # extraction, broadcast, A G
+    warps: int          # their num_warps
+    stages: int         # their num_stages (software pipelining of the token loops)
+    rep_block: int      # extraction and A G: one program per block of representatives; broadcast: a loop over them
+    d_chunk: int
+    bwd_block_n: int    # backward broadcast (∂W, ∂S W)
     bwd_warps: int
-    pool_block_n: int  # tokens per block of pooling and its adjoint
+    bwd_stages: int
+    bwd_rep_block: int  # M_PAD: one pass; fewer: a ∂W pass and a ∂S W pass (``_broadcast_bwd_blocks``)
+    bwd_d_chunk: int    # (the one-pass kernel takes D_PAD only)
+    pool_block_n: int   # pooling and its adjoint
     pool_warps: int
-    bm: int           # representatives per row block in the m×m kernels
-    mm_warps: int     # their num_warps
-    stages: int       # num_stages (software pipelining of the token loops)
+    pool_stages: int
+    bm: int             # representatives per row block in the m×m kernels
+    mm_warps: int       # their num_warps
 
 
 def kind(dtype: torch.dtype, prec: str) -> str:
@@ -112,14 +155,14 @@ def target(capability: Tuple[int, int]) -> int:
 
 def config(dtype: torch.dtype, prec: str, m_pad: int, d_pad: int, arch: Optional[int]) -> Optional[Config]:
     """The launch configuration from ``TABLE`` for target ``arch``; None where refused. ``arch`` None (the
-    interpreter): the sm_90 entry, else small tiles."""
+    interpreter): the sm_90 entry, else small blocks (16 representatives, d chunks of 16: every loop and pass)."""
     if dtype == torch.float64 or (arch is None and (90, kind(dtype, prec), m_pad, d_pad) not in TABLE):
-        return Config(32, 4, 32, 4, 32, 4, 16, 4, 1)
+        return Config(32, 4, 1, 16, 16, 32, 4, 1, 16, 16, 32, 4, 1, 16, 4)
     entry = TABLE.get((arch or 90, kind(dtype, prec), m_pad, d_pad))
     if entry is None:
         return None
-    (bn, w), (bbn, bw), (pbn, pw), _ = entry
-    return Config(bn, w, bbn, bw, pbn, pw, 16, 4, 2)
+    main, bwd, pool, _ = entry
+    return Config(*main, *bwd, *pool, 16, 4)
 
 
 def _kinds(dtype: Optional[torch.dtype]) -> List[Tuple[torch.dtype, str]]:
@@ -134,7 +177,7 @@ def shared_memory_reasons(head_dim: int, num_reps: int, dtype: Optional[torch.dt
     ``limit`` bytes of shared memory per block: no spill-free configuration in ``TABLE``, or too much shared memory."""
     reasons = []
     for dt, k in _kinds(dtype):
-        entry = TABLE.get((arch, k, pad(num_reps), pad(head_dim)))
+        entry = TABLE.get((arch, k, pad_m(num_reps), pad_d(head_dim)))
         what = f'm={num_reps}, d={head_dim}, {dt}' + (f' ({k} products)' if dt == torch.float32 else '')
         if entry is None:
             reasons.append(f'{what}: no configuration of the kernels compiles without register spills on sm_{arch} '
@@ -269,7 +312,7 @@ def _plan(w: torch.Tensor, m: int, arch: Optional[int] = None) -> _Plan:
     emu = w.dtype == torch.bfloat16 and _interpreting()
     sd = torch.float64 if w.dtype == torch.float64 else torch.float32
     prec = fp32_precision() if w.dtype == torch.float32 else ('ieee' if w.dtype == torch.float64 else 'tf32')
-    mp, dp = pad(m), pad(d)
+    mp, dp = pad_m(m), pad_d(d)
     return _Plan(B, H, N, m, d, mp, dp, torch.float32 if emu else w.dtype, sd, prec,
                  'ieee' if sd == torch.float64 else 'tf32x3', 'ieee' if sd == torch.float64 else 'tf32', emu,
                  config(w.dtype, prec, mp, dp, arch))
@@ -287,7 +330,12 @@ def _tok(pl: _Plan, kind: str = ''):
     """Launch constants of the token kernels: kind '' (extraction, broadcast, A G), 'bwd_' or 'pool_'."""
     c = pl.cfg
     return dict(M_PAD=pl.mp, D_PAD=pl.dp, BLOCK_N=getattr(c, kind + 'block_n'), num_warps=getattr(c, kind + 'warps'),
-                num_stages=c.stages)
+                num_stages=getattr(c, kind + 'stages'))
+
+
+def _blocks(pl: _Plan, kind: str = ''):
+    """The representative block and d chunk of kind '' or 'bwd_' (``Config``)."""
+    return dict(BM=getattr(pl.cfg, kind + 'rep_block'), DK=getattr(pl.cfg, kind + 'd_chunk'))
 
 
 def _pool_args(pool: PoolSpec, n: int):
@@ -320,9 +368,9 @@ def _forward(K, pl: _Plan, w, r0, eta, kap, scale: float):
     n_split = splits(pl.N, BH, pl.cfg.block_n, dev)
     pmx, pss = (torch.empty(n_split, BH, mp, dtype=sd, device=dev) for _ in range(2))
     pacc = torch.empty(n_split, BH, mp, dp, dtype=sd, device=dev)
-    K._extract_partial[(BH, n_split)](
+    K._extract_partial[(BH, n_split, cdiv(pl.m, pl.cfg.rep_block))](
         w, r0, pmx, pss, pacc, pl.N, pl.H, pl.d, chunk(pl.N, n_split, pl.cfg.block_n), scale, *w.stride(),
-        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl))
+        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl), **_blocks(pl))
     lse, lse_p = (torch.empty(BH, mp, dtype=sd, device=dev) for _ in range(2))
     z, q, c = (torch.empty(BH, mp, dp, dtype=sd, device=dev) for _ in range(3))
     K._combine_contract[(BH,)](
@@ -331,7 +379,7 @@ def _forward(K, pl: _Plan, w, r0, eta, kap, scale: float):
     out = _like(w, w.dtype)
     K._broadcast_fwd[grid(BH, pl.N, pl.cfg.block_n)](
         w, r0, kap, lse, c, out, pl.N, pl.H, pl.m, pl.d, scale, *w.stride(), *out.stride(),
-        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl))
+        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl), **_blocks(pl))
     return out, lse, z, q, c, lse_p
 
 
@@ -342,9 +390,9 @@ def _backward(K, pl: _Plan, saved: Sequence[torch.Tensor], grad, eta, kap, scale
     n_split = splits(pl.N, BH, pl.cfg.block_n, dev)
     ch = chunk(pl.N, n_split, pl.cfg.block_n)
     pag = torch.empty(n_split, BH, mp, dp, dtype=sd, device=dev)
-    K._ag_partial[(BH, n_split)](
+    K._ag_partial[(BH, n_split, cdiv(pl.m, pl.cfg.rep_block))](
         w, r0, grad, lse, pag, pl.N, pl.H, pl.m, pl.d, ch, scale, *w.stride(), *grad.stride(),
-        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl))
+        PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl), **_blocks(pl))
     dc, dz, dq = (torch.empty(BH, mp, dp, dtype=sd, device=dev) for _ in range(3))
     delta, dd = (torch.empty(BH, mp, dtype=sd, device=dev) for _ in range(2))
     deta, dkap = (torch.empty(BH, dtype=sd, device=dev) for _ in range(2))
@@ -352,18 +400,36 @@ def _backward(K, pl: _Plan, saved: Sequence[torch.Tensor], grad, eta, kap, scale
         eta, kap, pag, z, q, c, lse_p, dc, delta, dz, dq, dd, deta, dkap, pl.H, pl.m, pl.d, n_split, scale,
         M_PAD=mp, D_PAD=dp, BM=pl.cfg.bm, DK=min(dp, 32), MM_PREC=pl.mm_prec, num_warps=pl.cfg.mm_warps, num_stages=1)
     dw = _like(w, w.dtype)
-    n_split = splits(pl.N, BH, pl.cfg.bwd_block_n, dev)
-    pdr = torch.empty(n_split, BH, mp, dp, dtype=sd, device=dev)
-    K._broadcast_bwd[(BH, n_split)](
-        w, r0, grad, kap, lse, c, dz, dd, dw, pdr, pl.N, pl.H, pl.m, pl.d, chunk(pl.N, n_split, pl.cfg.bwd_block_n),
-        scale, *w.stride(), *grad.stride(), *dw.stride(), PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl, 'bwd_'))
-    dr = dq + (pdr[0] if n_split == 1 else pdr.sum(0))   # ∂Q_ini = ∂Q + s ∂S W (fixed order; rows ≥ m unused)
+    pdr = _broadcast_backward(K, pl, (w, r0, grad, kap, lse, c, dz, dd), dw, scale)
+    dr = dq + (pdr[0] if pdr.shape[0] == 1 else pdr.sum(0))   # ∂Q_ini = ∂Q + s ∂S W (fixed order; rows ≥ m unused)
     if pool is not None:
         p0, gh, gw, rh, rw = _pool_args(pool, pl.N)
         K._pool_adjoint[grid(BH, gh * gw, pl.cfg.pool_block_n)](
             dr, dw, pl.H, pl.m, pl.d, p0, gh, gw, rh, rw, *dw.stride(), PREC=pl.pool_prec, EMU_BF16=pl.emu,
             **_tok(pl, 'pool_'))
     return dw, dr, deta.view(pl.B, pl.H), dkap.view(pl.B, pl.H)
+
+
+def _broadcast_backward(K, pl: _Plan, args: Sequence[torch.Tensor], dw: torch.Tensor, scale: float) -> torch.Tensor:
+    """∂W into ``dw`` → the per-chunk partials (SPLITS, B·H, M_PAD, D_PAD) of s ∂S W. One pass over the tokens
+    (``bwd_rep_block`` = M_PAD), or a ∂W pass (a program per token block) and a ∂S W pass (a program per chunk and
+    block of representatives), which hold smaller tiles at the cost of a second read of W and G."""
+    w, grad = args[0], args[2]
+    BH, bn, bm = pl.B * pl.H, pl.cfg.bwd_block_n, pl.cfg.bwd_rep_block
+    n_split = splits(pl.N, BH, bn, w.device)
+    ch = chunk(pl.N, n_split, bn)
+    pdr = torch.empty(n_split, BH, pl.mp, pl.dp, dtype=pl.sd, device=w.device)
+    strides = (*w.stride(), *grad.stride(), *dw.stride())
+    const = dict(PREC=pl.prec, EMU_BF16=pl.emu, **_tok(pl, 'bwd_'))
+    if bm >= pl.mp:
+        K._broadcast_bwd[(BH, n_split)](*args, dw, pdr, pl.N, pl.H, pl.m, pl.d, ch, scale, *strides, **const)
+        return pdr
+    const.update(_blocks(pl, 'bwd_'))
+    K._broadcast_bwd_blocks[grid(BH, pl.N, bn)](*args, dw, pdr, pl.N, pl.H, pl.m, pl.d, bn, scale, *strides, DR=False,
+                                                **const)
+    K._broadcast_bwd_blocks[(BH, n_split, cdiv(pl.m, bm))](*args, dw, pdr, pl.N, pl.H, pl.m, pl.d, ch, scale, *strides,
+                                                           DR=True, **const)
+    return pdr
 
 
 def _step(x: torch.Tensor, H: int, sd: torch.dtype) -> torch.Tensor:

@@ -1,13 +1,20 @@
 """Triton kernels for CBSA's contract-and-broadcast core (see ``function.py`` for the launches and the autograd
 wiring, ``../naive.py`` for the plain PyTorch twin they are tested against).
 
-Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block
-or a chunk of token blocks. W (N, d) tokens and G = ∂out are read through their strides, with int64 base offsets.
-Everything m×d or smaller lives in ACC-dtype buffers of shape (B·H, M_PAD, D_PAD): m and d are padded to powers of
-two ≥ 16 (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and ``D`` are runtime masks), padded rows and columns
-are zero. Q_ini is kept there in ACC holding values already rounded to the token dtype, so the m×m kernels do not
-depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never reaches global memory: every token kernel
-rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
+Layout. Program axis 0 is the (batch, head) pair ``pid_bh`` (grid axis 0 has no 65,535 limit), axis 1 a token block or a
+chunk of token blocks, axis 2 (where present) a block of representatives. W (N, d) tokens and G = ∂out are read through
+their strides, with int64 base offsets. Everything m×d or smaller lives in ACC-dtype buffers of shape (B·H, M_PAD,
+D_PAD): m is padded to 16, 64 or 128 and d to 32, 64 or 128 (``M_PAD``, ``D_PAD``, the only shape constexprs: ``M`` and
+``D`` are runtime masks), padded rows and columns are zero. Q_ini is kept there in ACC holding values already rounded to
+the token dtype, so the m×m kernels do not depend on the token dtype. The m×N matrix A = softmax_N(s·Q_ini Wᵀ) never
+reaches global memory: every token kernel rebuilds its block from Q_ini, W and the per-representative log-sum-exp.
+
+Blocks. The token kernels take a representative block ``BM`` and a d chunk ``DK`` (constexprs; BM = M_PAD and
+DK = D_PAD: whole tiles). Products over d then run in chunks of DK columns loaded from memory (``_tok_rep``), and the
+m-wide ones by blocks of BM representatives: a program per block where the result is per representative (extraction,
+A G, ∂S W), a loop over blocks where it is per token (broadcast, ∂W). Whole tiles need no recomputation; blocks hold
+far fewer registers (float32 'ieee' products, which run as scalar FMAs with whole-K operand rows per thread, and
+m = 128 on sm_80 spill otherwise). ``function.TABLE`` picks, per target and padded size, the first spill-free choice.
 
 Precision. Token products (A·W, W·Q_iniᵀ, …) take the token dtype DT with ``PREC`` ('ieee' or 'tf32' for float32,
 following torch's TF32 setting; ignored for bf16 / fp16) and accumulate in ACC (float32; float64 for float64 tokens,
@@ -25,18 +32,20 @@ RH | GH, RW | GW). A token block's 0/1 window membership is built from these bou
 Kernels (forward, then backward). Token passes that reduce over N run on SPLITS chunks per (batch, head) and write
 per-chunk partials that are merged in a fixed order: no atomics anywhere, so every result is bitwise reproducible.
     _pool_partial       (B·H, SPLITS)  Σ over a chunk of the window-averaged tokens → partial Q_ini.
-    _extract_partial    (B·H, SPLITS)  logits s·Q_ini Wᵀ, online log-sum-exp, A W (unnormalised) → partial max,
-                                       Σexp, Σexp·W.
+    _extract_partial    (B·H, SPLITS, ⌈m/BM⌉)  logits s·Q_ini Wᵀ, online log-sum-exp, A W (unnormalised) → partial max,
+                                                Σexp, Σexp·W.
     _combine_contract   (B·H,)         merges the partials → lse, Z = A W, Q = Q_ini + ηZ; then, by row blocks of
                                        BM representatives, C = softmax(s·Q Qᵀ) Q with an online softmax (its
                                        log-sum-exp ``lse_p`` is kept; the m×m P is rebuilt in backward).
     _broadcast_fwd      (B·H, ⌈N/BLOCK_N⌉)  out = κ·exp(s·W Q_iniᵀ − lse) C: the only N×d write.
-    _ag_partial         (B·H, SPLITS)  A G over a chunk.
+    _ag_partial         (B·H, SPLITS, ⌈m/BM⌉)  A G over a chunk.
     _contract_bwd       (B·H,)         merges A G, then the m×m backward by row blocks (formulas in
                                        ``../fused.py``; rowsum(∂C Qᵀ ⊙ P) = ∂C·C needs no m×m reduction):
                                        ∂Q, ∂Z = η∂Q, D = rowsum(∂A ⊙ A), this (batch, head)'s ∂η and ∂κ terms.
     _broadcast_bwd      (B·H, SPLITS)  ∂S = A ⊙ (κC Gᵀ + ∂Z Wᵀ − D); ∂W = Aᵀ ∂Z + s ∂Sᵀ Q_ini (written);
-                                       partial s ∂S W (the token sum of ∂Q_ini).
+                                       partial s ∂S W (the token sum of ∂Q_ini). One pass, whole tiles.
+    _broadcast_bwd_blocks  the same in two passes with blocks: (B·H, ⌈N/BLOCK_N⌉) ∂W, then (B·H, SPLITS, ⌈m/BM⌉)
+                                       the partials of s ∂S W; ∂S is rebuilt in each (a second read of W and G).
     _pool_adjoint       (B·H, ⌈GH·GW/BLOCK_N⌉)  ∂W[patch tokens] += poolᵀ(∂Q_ini).
 
 ``EMU_BF16`` (interpreter only): the tokens are float32 tensors holding bfloat16 values and every cast to the token
@@ -44,7 +53,8 @@ dtype rounds to bfloat16 in float32 (round to nearest even), because Triton's in
 wrongly and truncates float32 → bf16 casts. Compiled kernels never set it.
 
 Only APIs present in Triton 3.6 and 3.8 (tl.dot with input_precision / out_dtype, masked tl.load / tl.store,
-tl.debug_barrier, constexpr block sizes, ``do_not_specialize``); the kernels also run under ``TRITON_INTERPRET=1``.
+tl.debug_barrier, constexpr block sizes and branches, ``do_not_specialize``); the kernels also run under
+``TRITON_INTERPRET=1``.
 """
 import triton
 import triton.language as tl
@@ -164,38 +174,40 @@ def _extract_partial(
         w_ptr, r_ptr, pmx_ptr, pss_ptr, pacc_ptr,
         N, H, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK): running max, Σ exp(s − max) and Σ exp(s − max) W."""
+    """Extraction over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives [pid_r·BM, (pid_r+1)·BM):
+    running max, Σ exp(s − max) and Σ exp(s − max) W."""
     pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
     ACC = pmx_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rows = tl.program_id(2) * BM + tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
     w_base = w_ptr + b * s_wb + h * s_wh
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)                     # Q_ini (M_PAD, D_PAD)
-    mx = tl.full([M_PAD], float('-inf'), ACC)
-    ssum = tl.zeros([M_PAD], ACC)
-    acc = tl.zeros([M_PAD, D_PAD], ACC)
+    mx = tl.full([BM], float('-inf'), ACC)
+    ssum = tl.zeros([BM], ACC)
+    acc = tl.zeros([BM, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)   # (BLOCK_N, D_PAD)
-        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale         # (M_PAD, BLOCK_N)
+        w_tok = w_base + tl.cast(n0, tl.int64) * s_wn
+        s = _tok_rep(w_tok, s_wn, s_wd, n_end - n0, r_ptr, 1., pid_bh, rows, M_PAD, D, M_PAD, D_PAD, BLOCK_N, BM, DK,
+                     PREC, EMU_BF16, True) * scale                                          # (BM, BLOCK_N)
         s = tl.where((n0 + rn < n_end)[None, :], s, float('-inf'))
         mx_new = tl.maximum(mx, tl.max(s, 1))
         alpha = tl.exp(mx - mx_new)
         e = tl.exp(s - mx_new[:, None])
         ssum = ssum * alpha + tl.sum(e, 1)
+        w = _load_tile(w_tok, rn, rd, s_wn, s_wd, n_end - n0, D)                           # (BLOCK_N, D_PAD)
         acc = acc * alpha[:, None] + tl.dot(_cast(e, DT, EMU_BF16), w, input_precision=PREC, out_dtype=ACC)
         mx = mx_new
     row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
-    tl.store(pmx_ptr + row * M_PAD + rm, mx)
-    tl.store(pss_ptr + row * M_PAD + rm, ssum)
-    tl.store(_md(pacc_ptr, row, rm, rd, M_PAD, D_PAD), acc)
+    tl.store(pmx_ptr + row * M_PAD + rows, mx)
+    tl.store(pss_ptr + row * M_PAD + rows, ssum)
+    tl.store(_md(pacc_ptr, row, rows, rd, M_PAD, D_PAD), acc)
 
 
 @triton.jit
@@ -285,29 +297,84 @@ def _rebuild_at(w, r, lse, n_ok, m_ok, scale, PREC: tl.constexpr, ACC: tl.conste
     return tl.where(n_ok[:, None] & m_ok[None, :], tl.exp(t - lse[None, :]), 0.)
 
 
+@triton.jit
+def _tok_rep(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, M, D, M_PAD: tl.constexpr,
+             D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr,
+             EMU_BF16: tl.constexpr, REPS_FIRST: tl.constexpr):
+    """X (y_scale·Y[rows])ᵀ for one token block of X (``x_tok``: its first token, ``n_valid`` tokens, read through
+    strides) and representatives ``rows`` of a (B·H, M_PAD, D_PAD) ACC buffer Y (rows ≥ M read as zero, the factor
+    rounded to the token dtype): (BLOCK_N, BM) in ACC, or its transpose with REPS_FIRST. The d contraction runs in
+    chunks of DK columns, so no product holds a long-K operand (float32 'ieee' products keep whole-K operand rows in
+    registers)."""
+    ACC = y_ptr.dtype.element_ty
+    rn = tl.arange(0, BLOCK_N)
+    if DK == D_PAD:
+        acc = _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, tl.arange(0, DK), M, D,
+                             M_PAD, D_PAD, PREC, EMU_BF16, REPS_FIRST)
+    else:                                            # a runtime loop: unrolled chunks would all be live at once
+        acc = tl.zeros([BM, BLOCK_N] if REPS_FIRST else [BLOCK_N, BM], ACC)
+        for k0 in range(0, D, DK):
+            acc += _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, k0 + tl.arange(0, DK),
+                                  M, D, M_PAD, D_PAD, PREC, EMU_BF16, REPS_FIRST)
+    return acc
+
+
+@triton.jit
+def _tok_rep_chunk(x_tok, s_xn, s_xd, n_valid, y_ptr, y_scale, pid_bh, rows, rn, kd, M, D, M_PAD: tl.constexpr,
+                   D_PAD: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr, REPS_FIRST: tl.constexpr):
+    """``_tok_rep`` over the columns kd."""
+    ACC = y_ptr.dtype.element_ty
+    x = _load_tile(x_tok, rn, kd, s_xn, s_xd, n_valid, D)
+    y = _cast(y_scale * tl.load(_md(y_ptr, pid_bh, rows, kd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.),
+              x_tok.dtype.element_ty, EMU_BF16)
+    if REPS_FIRST:
+        return tl.dot(y, tl.trans(x), input_precision=PREC, out_dtype=ACC)
+    else:
+        return tl.dot(x, tl.trans(y), input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _broadcast_block(w_tok, s_wn, s_wd, n_valid, r_ptr, c_ptr, lse_ptr, kap, pid_bh, rows, M, D, scale,
+                     M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr,
+                     DK: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
+    """κ Aᵀ[:, rows] C[rows] (BLOCK_N, D_PAD) for one token block and representatives ``rows``."""
+    ACC = lse_ptr.dtype.element_ty
+    DT = w_tok.dtype.element_ty
+    t = _tok_rep(w_tok, s_wn, s_wd, n_valid, r_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                 EMU_BF16, False)
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    at = tl.where((tl.arange(0, BLOCK_N) < n_valid)[:, None] & (rows < M)[None, :], tl.exp(t * scale - lse[None, :]),
+                  0.)
+    ck = _cast(kap * tl.load(_md(c_ptr, pid_bh, rows, tl.arange(0, D_PAD), M_PAD, D_PAD), mask=(rows < M)[:, None],
+                             other=0.), DT, EMU_BF16)
+    return tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)
+
+
 @_jit
 def _broadcast_fwd(
         w_ptr, r_ptr, kap_ptr, lse_ptr, c_ptr, out_ptr,
         N, H, M, D, scale,
         s_wb, s_wh, s_wn, s_wd,
         s_ob, s_oh, s_on, s_od,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """out = κ Aᵀ C for one token block."""
+    """out = κ Aᵀ C for one token block, summed over blocks of BM representatives."""
     pid_bh, b, h = _program(H)
     n0 = tl.program_id(1) * BLOCK_N
-    ACC = lse_ptr.dtype.element_ty
-    DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rb = tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
-    w = _load_tile(w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, N - n0, D)
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
-    lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    ck = _cast(tl.load(kap_ptr + h) * _load_md(c_ptr, pid_bh, rm, rd, M, M_PAD, D_PAD), DT, EMU_BF16)
-    at = _rebuild_at(w, r, lse, rn < N - n0, rm < M, scale, PREC, ACC)                      # (BLOCK_N, M_PAD)
-    out = tl.dot(_cast(at, DT, EMU_BF16), ck, input_precision=PREC, out_dtype=ACC)          # κ Aᵀ C
+    w_tok = w_ptr + b * s_wb + h * s_wh + tl.cast(n0, tl.int64) * s_wn
+    kap = tl.load(kap_ptr + h)
+    if BM == M_PAD:
+        out = _broadcast_block(w_tok, s_wn, s_wd, N - n0, r_ptr, c_ptr, lse_ptr, kap, pid_bh, rb, M, D, scale,
+                               M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
+    else:
+        out = tl.zeros([BLOCK_N, D_PAD], lse_ptr.dtype.element_ty)
+        for j0 in range(0, M, BM):
+            out += _broadcast_block(w_tok, s_wn, s_wd, N - n0, r_ptr, c_ptr, lse_ptr, kap, pid_bh, j0 + rb, M, D,
+                                    scale, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
     mask = (rn[:, None] < N - n0) & (rd[None, :] < D)
     o_ptr = out_ptr + b * s_ob + h * s_oh + tl.cast(n0, tl.int64) * s_on + rn[:, None] * s_on + rd[None, :] * s_od
     tl.store(o_ptr, _cast(out, out_ptr.dtype.element_ty, EMU_BF16), mask=mask)
@@ -319,31 +386,31 @@ def _ag_partial(
         N, H, M, D, CHUNK, scale,
         s_wb, s_wh, s_wn, s_wd,
         s_gb, s_gh, s_gn, s_gd,
-        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-        EMU_BF16: tl.constexpr,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
-    """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK), A rebuilt per token block."""
+    """A G over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives [pid_r·BM, (pid_r+1)·BM), A rebuilt
+    per token block."""
     pid_bh, b, h = _program(H)
     pid_s = tl.program_id(1)
     ACC = lse_ptr.dtype.element_ty
     DT = w_ptr.dtype.element_ty
-    rm = tl.arange(0, M_PAD)
+    rows = tl.program_id(2) * BM + tl.arange(0, BM)
     rd = tl.arange(0, D_PAD)
     rn = tl.arange(0, BLOCK_N)
     w_base = w_ptr + b * s_wb + h * s_wh
     g_base = g_ptr + b * s_gb + h * s_gh
-    r = tl.load(_md(r_ptr, pid_bh, rm, rd, M_PAD, D_PAD)).to(DT)
-    lse = tl.load(lse_ptr + pid_bh * M_PAD + rm)
-    ag = tl.zeros([M_PAD, D_PAD], ACC)
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    ag = tl.zeros([BM, D_PAD], ACC)
     n_start = pid_s * CHUNK
     n_end = tl.minimum(N, n_start + CHUNK)
     for n0 in range(n_start, n_end, BLOCK_N):
-        w = _load_tile(w_base + tl.cast(n0, tl.int64) * s_wn, rn, rd, s_wn, s_wd, n_end - n0, D)
+        s = _tok_rep(w_base + tl.cast(n0, tl.int64) * s_wn, s_wn, s_wd, n_end - n0, r_ptr, 1., pid_bh, rows, M_PAD, D,
+                     M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16, True) * scale
+        a = tl.where((n0 + rn < n_end)[None, :] & (rows < M)[:, None], tl.exp(s - lse[:, None]), 0.)
         g = _load_tile(g_base + tl.cast(n0, tl.int64) * s_gn, rn, rd, s_gn, s_gd, n_end - n0, D)
-        s = tl.dot(r, tl.trans(w), input_precision=PREC, out_dtype=ACC) * scale
-        a = tl.where((n0 + rn < n_end)[None, :] & (rm < M)[:, None], tl.exp(s - lse[:, None]), 0.)
         ag += tl.dot(_cast(a, DT, EMU_BF16), g, input_precision=PREC, out_dtype=ACC)
-    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), ag)
+    tl.store(_md(pag_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rows, rd, M_PAD, D_PAD), ag)
 
 
 @_jit
@@ -451,6 +518,84 @@ def _broadcast_bwd(
                  _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
         dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)                # ∂S W
     tl.store(_md(pdr_ptr, tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh, rm, rd, M_PAD, D_PAD), scale * dr)
+
+
+@triton.jit
+def _score_grad_block(w_tok, g_tok, n_valid, r_ptr, c_ptr, dz_ptr, lse_ptr, dd_ptr, kap, pid_bh, rows, M, D, scale,
+                      s_wn, s_wd, s_gn, s_gd, M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BM: tl.constexpr, DK: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr):
+    """Aᵀ and ∂Sᵀ = Aᵀ ⊙ (G (κC)ᵀ + W ∂Zᵀ − D), (BLOCK_N, BM) in the token dtype, for one token block and the
+    representatives ``rows``."""
+    DT = w_tok.dtype.element_ty
+    t = _tok_rep(w_tok, s_wn, s_wd, n_valid, r_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                 EMU_BF16, False)
+    dat = (_tok_rep(g_tok, s_gn, s_gd, n_valid, c_ptr, kap, pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                    EMU_BF16, False)
+           + _tok_rep(w_tok, s_wn, s_wd, n_valid, dz_ptr, 1., pid_bh, rows, M, D, M_PAD, D_PAD, BLOCK_N, BM, DK, PREC,
+                      EMU_BF16, False))
+    lse = tl.load(lse_ptr + pid_bh * M_PAD + rows)
+    dd = tl.load(dd_ptr + pid_bh * M_PAD + rows, mask=rows < M, other=0.)
+    at = tl.where((tl.arange(0, BLOCK_N) < n_valid)[:, None] & (rows < M)[None, :], tl.exp(t * scale - lse[None, :]),
+                  0.)
+    return _cast(at, DT, EMU_BF16), _cast(at * (dat - dd[None, :]), DT, EMU_BF16)
+
+
+@_jit
+def _broadcast_bwd_blocks(
+        w_ptr, r_ptr, g_ptr, kap_ptr, lse_ptr, c_ptr, dz_ptr, dd_ptr,
+        dw_ptr, pdr_ptr,
+        N, H, M, D, CHUNK, scale,
+        s_wb, s_wh, s_wn, s_wd,
+        s_gb, s_gh, s_gn, s_gd,
+        s_db, s_dh, s_dn, s_dd,
+        M_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BM: tl.constexpr, DK: tl.constexpr,
+        DR: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+):
+    """``_broadcast_bwd`` in two passes with smaller tiles, ∂Sᵀ rebuilt per block of BM representatives in each.
+    DR False: ∂W = Σ_blocks Aᵀ ∂Z + s ∂Sᵀ Q_ini for the token block pid_s (CHUNK = BLOCK_N; written). DR True: the
+    s ∂S W partial of ∂Q_ini over the tokens [pid_s·CHUNK, (pid_s+1)·CHUNK) for the representatives
+    [pid_r·BM, (pid_r+1)·BM)."""
+    pid_bh, b, h = _program(H)
+    pid_s = tl.program_id(1)
+    ACC = lse_ptr.dtype.element_ty
+    DT = w_ptr.dtype.element_ty
+    rb = tl.arange(0, BM)
+    rd = tl.arange(0, D_PAD)
+    rn = tl.arange(0, BLOCK_N)
+    w_base = w_ptr + b * s_wb + h * s_wh
+    g_base = g_ptr + b * s_gb + h * s_gh
+    kap = tl.load(kap_ptr + h)
+    n_start = pid_s * CHUNK
+    n_end = tl.minimum(N, n_start + CHUNK)
+    if DR:
+        rows = tl.program_id(2) * BM + rb
+        dr = tl.zeros([BM, D_PAD], ACC)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            w_tok = w_base + tl.cast(n0, tl.int64) * s_wn
+            _, dst = _score_grad_block(w_tok, g_base + tl.cast(n0, tl.int64) * s_gn, n_end - n0, r_ptr, c_ptr, dz_ptr,
+                                       lse_ptr, dd_ptr, kap, pid_bh, rows, M, D, scale, s_wn, s_wd, s_gn, s_gd,
+                                       M_PAD, D_PAD, BLOCK_N, BM, DK, PREC, EMU_BF16)
+            w = _load_tile(w_tok, rn, rd, s_wn, s_wd, n_end - n0, D)
+            dr += tl.dot(tl.trans(dst), w, input_precision=PREC, out_dtype=ACC)              # ∂S W
+        row = tl.cast(pid_s, tl.int64) * tl.num_programs(0) + pid_bh
+        tl.store(_md(pdr_ptr, row, rows, rd, M_PAD, D_PAD), scale * dr)
+    else:
+        w_tok = w_base + tl.cast(n_start, tl.int64) * s_wn
+        g_tok = g_base + tl.cast(n_start, tl.int64) * s_gn
+        dw = tl.zeros([BLOCK_N, D_PAD], ACC)
+        for j0 in range(0, M, BM):
+            rows = j0 + rb
+            at, dst = _score_grad_block(w_tok, g_tok, n_end - n_start, r_ptr, c_ptr, dz_ptr, lse_ptr, dd_ptr, kap,
+                                        pid_bh, rows, M, D, scale, s_wn, s_wd, s_gn, s_gd, M_PAD, D_PAD, BLOCK_N, BM,
+                                        DK, PREC, EMU_BF16)
+            r = tl.load(_md(r_ptr, pid_bh, rows, rd, M_PAD, D_PAD)).to(DT)
+            dz = _cast(tl.load(_md(dz_ptr, pid_bh, rows, rd, M_PAD, D_PAD), mask=(rows < M)[:, None], other=0.), DT,
+                       EMU_BF16)
+            dw += (tl.dot(at, dz, input_precision=PREC, out_dtype=ACC)                       # Aᵀ ∂Z + s ∂Sᵀ Q_ini
+                   + scale * tl.dot(dst, r, input_precision=PREC, out_dtype=ACC))
+        mask = (rn[:, None] < n_end - n_start) & (rd[None, :] < D)
+        tl.store(dw_ptr + b * s_db + h * s_dh + tl.cast(n_start, tl.int64) * s_dn + rn[:, None] * s_dn
+                 + rd[None, :] * s_dd, _cast(dw, dw_ptr.dtype.element_ty, EMU_BF16), mask=mask)
 
 
 @_jit
