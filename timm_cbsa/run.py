@@ -10,9 +10,10 @@ timm's scripts (``benchmark.py``, ``validate.py``, ``inference.py``, ``onnx_expo
 
 The script sees exactly what ``python SCRIPT.py ARGS...`` would give it: ``sys.argv`` is ``[SCRIPT.py, ARGS...]``
 (untouched), the script's folder is ``sys.path[0]``, and its exit status (``sys.exit(3)`` → 3), exceptions and
-KeyboardInterrupt pass through unchanged. One difference: ``timm`` is imported before the script runs, so a script
-inside a pytorch-image-models checkout uses the installed timm (the one timm_cbsa registered into), not the
-checkout's ``timm/`` folder.
+KeyboardInterrupt pass through unchanged. One difference: ``timm`` is imported (by ``timm_cbsa``) before the script
+runs, from wherever Python finds it first: run from outside a pytorch-image-models checkout, passing the script's path,
+and the installed timm is used; from inside the checkout ``python -m`` puts the current folder first, so the checkout's
+``timm/`` folder is used, as ``python SCRIPT.py`` there would.
 """
 import os
 import runpy
