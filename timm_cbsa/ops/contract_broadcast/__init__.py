@@ -48,7 +48,7 @@ from ..tracing import fx_leaf
 from . import lse
 from .fused import ContractBroadcast, no_autocast
 from .naive import naive_contract_and_broadcast
-from .pooling import PoolSpec, num_representatives, pool_representatives
+from .pooling import PoolSpec, pool_representatives
 
 __all__ = ['IMPLS', 'REQUESTS', 'PoolSpec', 'check_request', 'contract_and_broadcast', 'not_supported_reasons',
            'select', 'strict', 'warn_once', 'pool_representatives', 'naive_contract_and_broadcast']
