@@ -100,8 +100,10 @@ def test_runner_signal_reaches_the_script(tmp_path):
     script = tmp_path / 'wait.py'
     script.write_text('import sys, time\ntry:\n    print("ready", flush=True)\n    time.sleep(60)\n'
                       'except KeyboardInterrupt:\n    print("interrupted", flush=True)\n    sys.exit(5)\n')
+    # a shell's background job inherits SIGINT ignored, and then Python installs no KeyboardInterrupt handler: start
+    # the runner with SIGINT at its default, as from a terminal
     proc = subprocess.Popen([sys.executable, '-m', 'timm_cbsa.run', str(script)], env=_ENV, stdout=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().strip() == 'ready'
         proc.send_signal(signal.SIGINT)
