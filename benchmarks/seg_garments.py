@@ -8,7 +8,8 @@ decoder's attention parameters. A composed proxy, not ADE20K.
     # the same with the trainings of a stage in parallel:
     for d in cbsa mhsa linear; do nice python benchmarks/seg_garments.py --stage S --decoders $d --skip-robustness & done
     wait; nice python benchmarks/seg_garments.py --stage S --skip-training
-    python benchmarks/seg_garments.py --train 64 --val 8 --epochs 1 --max-steps 2 --work /tmp/sg --out /tmp/sg  # smoke
+    python benchmarks/seg_garments.py --train 64 --val 8 --epochs 1 --data /tmp/sg/data --work /tmp/sg --out /tmp/sg \
+        --images /tmp/sg --seeds 0 --max-samples 4      # smoke, 10 s
 
 Stages (``train/configs/garment_scenes_seg.yaml``, the same seed and number of steps for every decoder):
 
@@ -50,6 +51,8 @@ def build_parser():
     p.add_argument('--max-steps', type=int, default=None)
     p.add_argument('--decoders', nargs='+', default=list(DECODERS), choices=list(DECODERS))
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='noise seeds of the robustness step')
+    p.add_argument('--max-samples', type=int, default=None,
+                   help='validation scenes of the robustness step (default: all)')
     p.add_argument('--work', default=os.path.join(ROOT, 'output', 'seg_garments'), help='run folders')
     p.add_argument('--out', default=os.path.join(HERE, 'results'), help='CSV / markdown folder')
     p.add_argument('--images', default=os.path.join(ROOT, 'docs', 'images', 'segmentation'))
@@ -166,11 +169,12 @@ def main(argv=None):
         scenes_figure(a, os.path.join(a.images, f'garment_scenes_{a.stage}.png'))
     noisy = [d for d in a.decoders if d != 'linear']
     if noisy and not a.skip_robustness:
-        from timm_cbsa.analysis.__main__ import main as analysis
+        from timm_cbsa.analysis.cli import main as analysis   # raises on bad input (the CLI turns it into status 2)
         name = f'robustness_garments_{a.stage}'
         runs = [os.path.join(a.work, d if a.stage == 'joint' else f'frozen_{d}', 'model_best.pth.tar') for d in noisy]
         analysis(['robustness', '--checkpoint', *runs, '--labels', *[DECODERS[d][1] for d in noisy],
-                  '--seeds', *map(str, a.seeds), '--out', a.out, '--name', name])
+                  '--seeds', *map(str, a.seeds), '--out', a.out, '--name', name]
+                 + ([] if a.max_samples is None else ['--max-samples', str(a.max_samples)]))
         os.makedirs(a.images, exist_ok=True)
         os.replace(os.path.join(a.out, f'{name}.png'), os.path.join(a.images, f'{name}.png'))
 
