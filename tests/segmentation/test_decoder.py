@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_cbsa.segmentation import CBSADecoderBlock, build_decoder, create_segmenter, decoder_flops
+from timm_cbsa.segmentation import CBSADecoderBlock, MaskTransformer, build_decoder, create_segmenter, decoder_flops
 
 
 def _windows(size: int, out: int):
@@ -136,6 +136,10 @@ def test_decoder_options_are_checked():
         build_decoder('mhsa', 16, 3, embed_dim=10, num_heads=3)
     with pytest.raises(ValueError, match='attn_head_dim must be a positive int'):
         build_decoder('cbsa', 16, 3, attn_head_dim=0)
+    with pytest.raises(ValueError, match='not divisible.*attn_head_dim'):
+        build_decoder('cbsa', 16, 3, embed_dim=10, num_heads=3, attn_head_dim=None)
+    with pytest.raises(ValueError, match='attn_head_dim is an option of the CBSA'):
+        MaskTransformer(16, 3, block='mhsa', attn_head_dim=8)
     block = CBSADecoderBlock(8, 2, num_classes=3, rep_grid=4)
     with pytest.raises(ValueError, match='smaller than the representative grid'):
         block(torch.randn(1, 9 + 3, 8), (3, 3))

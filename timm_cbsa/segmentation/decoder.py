@@ -92,9 +92,11 @@ class MaskTransformer(nn.Module):
             raise ValueError(f"MaskTransformer block must be 'cbsa' or 'mhsa', got {block!r}.")
         embed_dim = embed_dim or encoder_dim
         num_heads = num_heads or max(1, embed_dim // 64)
-        if attn_head_dim is None and embed_dim % num_heads:
-            raise ValueError(f'decoder embed_dim {embed_dim} is not divisible by num_heads {num_heads} (or give '
-                             'attn_head_dim).')
+        if block == 'mhsa':   # (the CBSA layer checks its own widths, attn_head_dim included)
+            if attn_head_dim is not None:
+                raise ValueError('attn_head_dim is an option of the CBSA decoder blocks, not of the MHSA ones.')
+            if embed_dim % num_heads:
+                raise ValueError(f'decoder embed_dim {embed_dim} is not divisible by num_heads {num_heads}.')
         self.num_classes, self.embed_dim, self.block = num_classes, embed_dim, block
         self.proj_dec = nn.Linear(encoder_dim, embed_dim)
         self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, embed_dim))
